@@ -1,0 +1,160 @@
+"""The pipeline's one configuration model.
+
+The CLI (``clip-fp8 run --set section.field=value``), config files (``--config FILE``, YAML or JSON)
+and the Prefect UI's run form (the flow's parameter schema) all use ``PipelineConfig``: every field
+has a default and a description, and the defaults are the embedded, CPU-only, offline run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+EMBEDDED_MODEL = "embedded:tiny-clip-shapes"
+EMBEDDED_DATA = "embedded:shapes"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(Section):
+    source: str = Field(
+        EMBEDDED_MODEL,
+        json_schema_extra={"locator": True},
+        description="CLIP checkpoint: a local transformers directory, a Hugging Face Hub id "
+        "(e.g. laion/CLIP-ViT-L-14-laion2B-s32B-b82K), or 'embedded:tiny-clip-shapes'.",
+    )
+    revision: str | None = Field(None, description="Hub revision (commit, tag or branch) to pin; ignored for local paths.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where to run PyTorch stages; 'auto' picks CUDA when available."
+    )
+    dtype: Literal["auto", "float16", "float32"] = Field(
+        "auto", description="Baseline precision; 'auto' is float16 on GPU and float32 on CPU."
+    )
+
+
+class CalibrationConfig(Section):
+    source: str = Field(
+        EMBEDDED_DATA,
+        json_schema_extra={"locator": True},
+        description="Image-caption pairs: 'embedded:shapes' (generated) or 'coco:<folder>' "
+        "(a COCO folder with images and captions JSON).",
+    )
+    captions_file: str | None = Field(
+        None, json_schema_extra={"locator": True}, description="COCO captions JSON; default: annotations/captions_*.json inside the folder."
+    )
+    num_samples: int = Field(8192, ge=1, description="Number of calibration pairs (the reference uses 8,192).")
+    batch_size: int = Field(512, ge=1, description="Calibration forward batch size (the reference uses 512).")
+    seed: int = Field(0, description="Seed for the deterministic subset selection.")
+    max_bad_fraction: float = Field(
+        0.01, ge=0, le=1, description="Unreadable images are skipped and counted; more than this fraction fails the run."
+    )
+
+
+class QuantizationConfig(Section):
+    format: Literal["fp8_e4m3"] = Field("fp8_e4m3", description="W8A8 FP8 E4M3, per-tensor, static scales.")
+    algorithm: Literal["max"] = Field("max", description="Calibration algorithm (max = AbsMax).")
+    quantize_attention: bool = Field(
+        True, description="Quantize attention: Q, K, V (and softmax output in the exported graph)."
+    )
+    quantize_layernorm: bool = Field(False, description="Give LayerNorm inputs quantizers (ModelOpt >= 0.44 would).")
+    exclude: list[str] = Field(
+        default_factory=lambda: ["*patch_embedding*"],
+        description="Wildcard patterns of modules/quantizers to leave unquantized; each must match something.",
+    )
+
+
+class EvaluationConfig(Section):
+    tasks: list[Literal["zeroshot_classification", "zeroshot_retrieval"]] = Field(
+        default_factory=lambda: ["zeroshot_classification", "zeroshot_retrieval"],
+        description="CLIP_benchmark tasks to run on baseline and fake-quantized FP8 models.",
+    )
+    dataset: str = Field(EMBEDDED_DATA, json_schema_extra={"locator": True}, description="Evaluation data: 'embedded:shapes'.")
+    num_samples: int = Field(1000, ge=1, description="Images per task (a limit for quick runs).")
+    batch_size: int = Field(256, ge=1, description="Evaluation batch size.")
+    seed: int = Field(1, description="Seed of the evaluation split (distinct from calibration).")
+    recall_k: list[int] = Field(default_factory=lambda: [1, 5], description="Retrieval recall@k values.")
+    max_drop: dict[str, float] = Field(
+        default_factory=lambda: {"*": 0.02},
+        description="Quality gate: largest allowed drop (baseline - FP8, absolute) per metric; '*' is the default.",
+    )
+    on_gate_failure: Literal["fail", "mark"] = Field(
+        "fail", description="'fail' stops the flow; 'mark' completes it but marks the result not promotable."
+    )
+
+
+class ExportConfig(Section):
+    opset: int = Field(20, ge=20, description="ONNX opset (>= 20 for FP8 QuantizeLinear/DequantizeLinear).")
+    export_batch_size: int = Field(2, ge=1, description="Batch size of the dummy input; the batch axis is dynamic.")
+    check_samples: int = Field(16, ge=1, description="Samples compared between ONNX Runtime and PyTorch.")
+    min_cosine: float = Field(
+        0.99, description="Smallest cosine similarity allowed between ONNX Runtime FP8 and PyTorch fake-quant embeddings."
+    )
+    preflight: bool = Field(True, description="Parse and build every ONNX with TensorRT-RTX (strongly typed) as a pre-flight.")
+
+
+class BuildConfig(Section):
+    enabled: bool = Field(True, description="Build TensorRT engines (skipped with a reason where TensorRT is absent).")
+    min_batch: int = Field(1, ge=1, description="Optimization profile: minimum batch.")
+    opt_batch: int = Field(128, ge=1, description="Optimization profile: optimal batch.")
+    max_batch: int = Field(128, ge=1, description="Optimization profile: maximum batch.")
+
+
+class BenchmarkConfig(Section):
+    enabled: bool = Field(True, description="Benchmark the engines (skipped where no engine was built).")
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8, 32, 128], description="Batch sizes to time.")
+
+
+class OutputConfig(Section):
+    root: str = Field("clip-fp8-output", description="Directory (or later fsspec URL) for runs and the artifact store.")
+    run_name: str | None = Field(None, description="Name of this run's report folder; default: the flow run's name.")
+
+
+class PipelineConfig(Section):
+    """Everything a run of the clip-fp8 pipeline depends on."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The CLIP checkpoint to quantize.")
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig, description="Calibration data.")
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig, description="ModelOpt FP8 PTQ.")
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="CLIP_benchmark quality check.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="ONNX export, surgery and pre-flight.")
+    build: BuildConfig = Field(default_factory=BuildConfig, description="TensorRT engine build.")
+    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig, description="Engine benchmark.")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "PipelineConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file '{path}' does not exist")
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+        return cls.model_validate(data)
+
+    def with_overrides(self, assignments: list[str]) -> "PipelineConfig":
+        """Apply ``section.field=value`` overrides; values are parsed as YAML (lists, numbers, bools)."""
+        import yaml
+
+        data: dict[str, Any] = self.model_dump()
+        for assignment in assignments:
+            key, sep, raw = assignment.partition("=")
+            if not sep or "." not in key:
+                raise ValueError(f"override '{assignment}' is not of the form section.field=value")
+            section, field = key.split(".", 1)
+            if section not in data or not isinstance(data[section], dict):
+                raise ValueError(f"override '{assignment}': unknown section '{section}' (one of {', '.join(data)})")
+            data[section][field] = yaml.safe_load(raw)
+        return type(self).model_validate(data)
+
+    def section_json(self, name: str) -> str:
+        """Canonical JSON of one section: what a stage's cache key includes."""
+        return getattr(self, name).model_dump_json()

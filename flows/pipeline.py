@@ -1,0 +1,136 @@
+"""The clip-fp8 DAG: calibration -> baseline -> quantize -> audit -> evaluate -> export -> surgery -> build -> benchmark -> report.
+
+The flow's one parameter is ``PipelineConfig``, so the Prefect UI renders its sections, defaults and
+descriptions as the run form. Each stage is a cached Prefect task (``tasks.stages``); the flow only
+wires refs between them, times them, and always writes the report, also when a stage fails.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from clip_fp8.artifacts import ArtifactRef, ArtifactStore, write_json_atomic, write_text_atomic
+from clip_fp8.config import PipelineConfig
+from tasks import stages
+from tasks.calibration import resolve_data_source
+from tasks.engines import tensorrt_driver
+from tasks.model import resolve_model_source
+from tasks.report import render_markdown
+
+STAGES = ("calibration_data", "baseline_model", "quantize", "audit", "evaluate", "export", "surgery", "build", "benchmark")
+
+
+class StageRunner:
+    """Runs stage tasks against one store, recording status, seconds and cache hits for the report."""
+
+    def __init__(self, store: ArtifactStore):
+        # A Path is Prefect's anonymous local result storage: cache records live beside the artifacts.
+        self.storage = store.results.resolve()
+        self.records: dict[str, dict[str, Any]] = {name: {"status": "not run", "seconds": 0.0} for name in STAGES}
+
+    def run(self, name: str, prepare=None, **inputs) -> ArtifactRef:
+        t0 = time.perf_counter()
+        try:
+            if prepare is not None:  # resolving a locator belongs to the stage that consumes it
+                inputs.update(prepare())
+            task = getattr(stages, name).with_options(result_storage=self.storage)
+            state = task(**inputs, return_state=True)
+            result = state.result()  # raises the stage's exception if it failed
+        except BaseException as exc:
+            self.records[name] = {"status": "failed", "seconds": time.perf_counter() - t0, "note": _one_line(exc)}
+            raise
+        status = "cached" if state.name == "Cached" else "completed"
+        if "skip_reason" in result.meta:
+            status = "skipped"
+        self.records[name] = {"status": status, "seconds": time.perf_counter() - t0,
+                              "note": result.meta.get("skip_reason", "")}
+        return result
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _run_name(config: PipelineConfig) -> str:
+    if config.output.run_name:
+        return config.output.run_name
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{flow_run.get_name() or 'local'}"
+
+
+@flow(name="clip-fp8", log_prints=True, validate_parameters=True)
+def clip_fp8_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
+    """Quantize a CLIP checkpoint to FP8, check it, export and repair its encoders, build and time engines."""
+    store = ArtifactStore(config.output.root)
+    run_dir = store.root / "runs" / _run_name(config)
+    runner = StageRunner(store)
+    summary: dict[str, Any] = {"run": run_dir.name, "flow_run_id": str(flow_run.get_id() or ""),
+                               "config": config.model_dump(mode="json"), "status": "running", "promotable": False,
+                               "stages": runner.records, "metrics": {}, "artifacts": {}}
+    try:
+        data_source: dict[str, ArtifactRef] = {}
+        model_source: dict[str, ArtifactRef] = {}
+
+        def _data():
+            data_source["ref"] = resolve_data_source(config.calibration)
+            return {"data_source": data_source["ref"]}
+
+        def _model():
+            model_source["ref"] = resolve_model_source(config.model)
+            return {"model_source": model_source["ref"]}
+
+        calibration = runner.run("calibration_data", _data, cfg=config.calibration, store=store)
+        baseline = runner.run("baseline_model", _model, cfg=config.model, store=store)
+        summary["model"] = baseline.meta
+        quantized = runner.run("quantize", model_source=model_source["ref"], baseline=baseline, calibration=calibration,
+                               data_source=data_source["ref"], model_cfg=config.model, calib_cfg=config.calibration,
+                               cfg=config.quantization, store=store)
+        summary["artifacts"]["checkpoint"] = str(quantized.file("checkpoint"))
+        audited = runner.run("audit", quantized=quantized, cfg=config.quantization, store=store)
+        summary["audit_markdown"] = audited.file("markdown").read_text()
+        summary["audit"] = audited.meta
+        summary["artifacts"]["audit"] = str(audited.file("audit"))
+        evaluated = runner.run("evaluate", model_source=model_source["ref"], quantized=quantized, audit_ref=audited,
+                               model_cfg=config.model, cfg=config.evaluation, store=store)
+        metrics = json.loads(evaluated.file("metrics").read_text())
+        summary["metrics"] = {"baseline": metrics["baseline"], "fp8": metrics["fp8"]}
+        summary["quality_gate"] = metrics["gate"]
+        summary["metrics_markdown"] = evaluated.file("markdown").read_text()
+        summary["artifacts"]["metrics"] = str(evaluated.file("metrics"))
+        exported = runner.run("export", model_source=model_source["ref"], quantized=quantized, model_cfg=config.model,
+                              cfg=config.export, store=store)
+        summary["artifacts"]["raw_onnx"] = exported.path
+        repaired = runner.run("surgery", model_source=model_source["ref"], quantized=quantized, exported=exported,
+                              calibration=calibration, data_source=data_source["ref"], model_cfg=config.model,
+                              cfg=config.export, build_cfg=config.build, store=store)
+        summary["onnx"] = repaired.meta["validation"]
+        summary["artifacts"].update({f"onnx_{k}": str(repaired.file(k)) for k in repaired.files if k != "validation"})
+        driver = "|".join(str(x) for x in tensorrt_driver())
+        engines = runner.run("build", repaired=repaired, cfg=config.build, driver=driver, store=store)
+        runner.run("benchmark", engines=engines, cfg=config.benchmark, driver=driver, store=store)
+        summary["status"] = "completed"
+        summary["promotable"] = bool(metrics["promotable"])
+    except BaseException as exc:
+        summary["status"] = "failed"
+        summary["error"] = _one_line(exc)
+        raise
+    finally:
+        summary["all_cached"] = all(r["status"] in ("cached", "skipped") for r in runner.records.values()) \
+            and summary["status"] == "completed"
+        markdown = render_markdown(summary)
+        summary["artifacts"]["report"] = str(run_dir / "report.md")
+        summary["artifacts"]["summary"] = str(run_dir / "summary.json")
+        write_text_atomic(run_dir / "report.md", markdown)
+        write_json_atomic(run_dir / "summary.json", {k: v for k, v in summary.items() if not k.endswith("_markdown")})
+        create_markdown_artifact(key="clip-fp8-report", markdown=markdown, description=f"clip-fp8 run {run_dir.name}")
+        print(f"report: {run_dir / 'report.md'}")
+    return {k: v for k, v in summary.items() if not k.endswith("_markdown")}

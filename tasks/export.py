@@ -1,0 +1,82 @@
+"""ONNX export of the text and image encoders: FP8 (from the ModelOpt checkpoint) and the FP16 baseline.
+
+Both go through ModelOpt's ``get_onnx_bytes_and_metadata`` with ``weights_dtype="fp16"``: FP16
+compute, FP8 Q/DQ around every quantized op with weights stored in FP8 (DQ-only chains), dynamic
+batch axis. The baseline takes the same path so the engines compare like with like. Outputs are the
+raw exports; ``surgery`` makes them buildable. The graph output ``out`` is renamed to
+``text_embeds``/``image_embeds`` so serving code binds by meaning.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from clip_fp8.config import ExportConfig, ModelConfig
+from clip_fp8.encoders import ImageEncoder, TextEncoder
+
+VARIANTS = ("fp16", "fp8")
+ENCODERS = ("text", "image")
+
+
+def rename_output(model: onnx.ModelProto, new_name: str) -> None:
+    old = model.graph.output[0].name
+    if old == new_name:
+        return
+    for node in model.graph.node:
+        for i, name in enumerate(node.output):
+            if name == old:
+                node.output[i] = new_name
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new_name
+    model.graph.output[0].name = new_name
+
+
+def export_encoder(encoder, dummy, path: Path, opset: int) -> int:
+    """Export one encoder wrapper to ``path``; return the file size in bytes."""
+    from modelopt.torch._deploy.utils import OnnxBytes, get_onnx_bytes_and_metadata
+
+    onnx_bytes, _ = get_onnx_bytes_and_metadata(
+        model=encoder, dummy_input=(dummy,), model_name=path.stem,
+        dynamic_axes={encoder.input_name: {0: "batch"}, "out": {0: "batch"}},
+        onnx_opset=opset, weights_dtype="fp16",
+    )
+    staged = path.parent / f".{path.stem}.export"
+    OnnxBytes.from_bytes(onnx_bytes).write_to_disk(str(staged), clean_dir=True)
+    model = onnx.load(str(staged / f"{path.stem}.onnx"))
+    rename_output(model, encoder.output_name)
+    onnx.save(model, str(path))
+    for leftover in staged.iterdir():
+        leftover.unlink()
+    staged.rmdir()
+    return path.stat().st_size
+
+
+def dummy_inputs(model, batch: int):
+    import torch
+
+    vision, text = model.config.vision_config, model.config.text_config
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    pixels = torch.randn(batch, 3, vision.image_size, vision.image_size, device=device, dtype=dtype)
+    ids = torch.randint(0, text.vocab_size, (batch, text.max_position_embeddings), device=device)
+    ids[:, -1] = text.eos_token_id  # CLIP pools at the first EOS
+    return {"text": ids, "image": pixels}
+
+
+def export_all(baseline_path: str, checkpoint: str, model_cfg: ModelConfig, cfg: ExportConfig, out_dir: Path) -> dict[str, int]:
+    """Write ``{fp16,fp8}_{text,image}.onnx`` into ``out_dir``; return their sizes."""
+    from tasks.model import load_clip
+    from tasks.quantize import load_quantized
+
+    sizes: dict[str, int] = {}
+    for variant in VARIANTS:
+        model = load_clip(baseline_path, model_cfg) if variant == "fp16" else load_quantized(checkpoint, model_cfg)
+        dummies = dummy_inputs(model, cfg.export_batch_size)
+        for encoder_name, wrapper in (("text", TextEncoder(model)), ("image", ImageEncoder(model))):
+            name = f"{variant}_{encoder_name}.onnx"
+            sizes[name] = export_encoder(wrapper.eval(), dummies[encoder_name], out_dir / name, cfg.opset)
+        del model
+    return sizes

@@ -1,0 +1,175 @@
+"""FP8 post-training quantization with NVIDIA ModelOpt, and the restorable checkpoint it leaves.
+
+ModelOpt's ``FP8_DEFAULT_CFG`` disables every quantizer under ``*vision_model*``/``*visual*`` and
+leaves attention's ``*_bmm_quantizer``s off: on CLIP it silently quantizes the text tower only. This
+stage builds its own ordered config (0.47 semantics: the last matching entry wins), so the image
+tower and attention are covered on purpose, and the audit stage proves it.
+
+Attention: CLIP's SDPA path is a functional call that ModelOpt's module walk cannot see. ModelOpt's
+Hugging Face plugin replaces ``CLIPAttention`` with a quantized attention (``q/k/v_bmm_quantizer``
+around the SDPA call, ``p_bmm_quantizer`` for the softmax output); we register it explicitly, before
+quantizing and before every restore, because a restore without it fails or silently drops attention.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from pathlib import Path
+
+from clip_fp8.config import CalibrationConfig, ModelConfig, QuantizationConfig
+from clip_fp8.errors import PipelineInputError
+
+FP8_E4M3 = {"num_bits": (4, 3), "axis": None}  # per-tensor, static (calibrated amax)
+ATTENTION_QUANTIZERS = ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer")
+QUANTIZER_SUFFIXES = ("weight_quantizer", "input_quantizer", "output_quantizer", *ATTENTION_QUANTIZERS, "p_bmm_quantizer")
+
+
+def fp8_quant_config(cfg: QuantizationConfig) -> dict:
+    """ModelOpt config: enable FP8 everywhere it belongs, then carve out; user exclusions come last."""
+    entries: list[dict] = [
+        {"quantizer_name": "*", "enable": False},
+        {"quantizer_name": "*weight_quantizer", "cfg": dict(FP8_E4M3)},
+        {"quantizer_name": "*input_quantizer", "cfg": dict(FP8_E4M3)},
+    ]
+    if cfg.quantize_attention:
+        entries.append({"quantizer_name": "*[qkv]_bmm_quantizer", "cfg": dict(FP8_E4M3)})
+    # Embedding lookups have no GEMM to speed up.
+    entries.append({"quantizer_name": "*", "parent_class": "nn.Embedding", "enable": False})
+    if not cfg.quantize_layernorm:
+        # ModelOpt >= 0.44 gives LayerNorm an input quantizer; TensorRT gains nothing from it here.
+        entries.append({"quantizer_name": "*", "parent_class": "nn.LayerNorm", "enable": False})
+    # Exclusions last: an entry inserted earlier is silently overridden by the enabling entries.
+    entries += [{"quantizer_name": pattern, "enable": False} for pattern in cfg.exclude]
+    return {"quant_cfg": entries, "algorithm": cfg.algorithm}
+
+
+def check_exclusions_match(model, patterns: list[str]) -> None:
+    """Every exclusion pattern must match some module or quantizer name: a typo must not pass silently."""
+    names = [name for name, _ in model.named_modules() if name]
+    candidates = names + [f"{n}.{suffix}" for n in names for suffix in QUANTIZER_SUFFIXES]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(c, pattern) for c in candidates):
+            raise PipelineInputError(
+                f"quantization.exclude pattern '{pattern}' matches no module of this model "
+                f"(module names look like '{names[len(names) // 2]}'); fix or remove it"
+            )
+
+
+def register_quantized_attention(model) -> None:
+    """Swap ``CLIPAttention`` for ModelOpt's quantized attention (must precede quantize and restore)."""
+    from modelopt.torch.quantization.plugins.huggingface import register_hf_attentions_on_the_fly
+
+    register_hf_attentions_on_the_fly(model)
+
+
+def quantizer_table(model) -> list[dict]:
+    """Every TensorQuantizer: name, owning module, enabled, FP format, amax (the audit's raw material)."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    modules = dict(model.named_modules())
+    rows = []
+    for name, q in model.named_modules():
+        if not isinstance(q, TensorQuantizer):
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = modules.get(parent_name)
+        amax = getattr(q, "amax", None)
+        rows.append({
+            "name": name,
+            "module": parent_name,
+            "module_class": type(parent).__name__ if parent is not None else "",
+            "module_base": next((c.__name__ for c in type(parent).__mro__ if c.__module__.startswith(("torch.nn", "transformers"))), "") if parent is not None else "",
+            "quantizer": attr,
+            "enabled": bool(q.is_enabled),
+            "hard_disabled": type(q).__name__ == "HardDisabledTensorQuantizer",
+            "num_bits": list(q.num_bits) if isinstance(q.num_bits, tuple) else q.num_bits,
+            "amax": None if amax is None else float(amax.float().max()),
+        })
+    return rows
+
+
+def quantize(
+    model_path: str,
+    manifest: dict,
+    data_root: str,
+    model_cfg: ModelConfig,
+    calib_cfg: CalibrationConfig,
+    cfg: QuantizationConfig,
+    out_dir: Path,
+) -> dict:
+    """Calibrate and FP8-quantize; write the ModelOpt checkpoint and quantizers.json into ``out_dir``."""
+    import modelopt.torch.opt as mto
+    import modelopt.torch.quantization as mtq
+    import torch
+
+    from tasks.calibration import iter_calibration_batches
+    from tasks.model import load_clip, load_processor
+
+    model = load_clip(model_path, model_cfg)
+    processor = load_processor(model_path)
+    check_exclusions_match(model, cfg.exclude)
+    register_quantized_attention(model)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    batch_size = calib_cfg.batch_size
+    seen = {"samples": 0, "batch_size": batch_size}
+
+    def forward_loop(m) -> None:
+        nonlocal batch_size
+        with torch.no_grad():
+            for batch in iter_calibration_batches(manifest, data_root, processor, calib_cfg.batch_size):
+                # A batch that does not fit is split rather than crashing the stage; max calibration
+                # is order- and batch-independent, so the scales come out the same.
+                for start in range(0, len(batch["input_ids"]), batch_size):
+                    while True:
+                        try:
+                            m(input_ids=batch["input_ids"][start:start + batch_size].to(device),
+                              pixel_values=batch["pixel_values"][start:start + batch_size].to(device, dtype))
+                            break
+                        except torch.OutOfMemoryError:
+                            if batch_size == 1:
+                                raise
+                            batch_size //= 2
+                            seen["batch_size"] = batch_size
+                            torch.cuda.empty_cache()
+                seen["samples"] += len(batch["input_ids"])
+
+    mtq.quantize(model, fp8_quant_config(cfg), forward_loop)
+
+    mto.enable_huggingface_checkpointing()
+    checkpoint = out_dir / "checkpoint"
+    model.save_pretrained(checkpoint, safe_serialization=True)
+    processor.save_pretrained(checkpoint)
+    rows = quantizer_table(model)
+    (out_dir / "quantizers.json").write_text(json.dumps(rows, indent=1))
+    (out_dir / "quant_config.json").write_text(json.dumps(fp8_quant_config(cfg), indent=1, default=list))
+    return {
+        "calibration_samples": seen["samples"],
+        "calibration_batch_size": seen["batch_size"],
+        "requested_batch_size": calib_cfg.batch_size,
+        "quantizers_enabled": sum(r["enabled"] for r in rows),
+        "quantizers_total": len(rows),
+    }
+
+
+def load_quantized(checkpoint: str | Path, model_cfg: ModelConfig, attn_implementation: str = "sdpa"):
+    """Restore the fake-quantized model from a checkpoint written by ``quantize``."""
+    import modelopt.torch.opt as mto
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    from tasks.model import pick_device, pick_dtype
+
+    mto.enable_huggingface_checkpointing()
+    # The quantized-attention class must be registered before from_pretrained restores modelopt_state.
+    config = CLIPConfig.from_pretrained(str(checkpoint))
+    config._attn_implementation = attn_implementation
+    with torch.device("meta"):  # structure only: no weights allocated for the registration walk
+        register_quantized_attention(CLIPModel(config))
+    device = pick_device(model_cfg)
+    model = CLIPModel.from_pretrained(
+        str(checkpoint), dtype=pick_dtype(model_cfg, device), attn_implementation=attn_implementation,
+        use_safetensors=True, trust_remote_code=False,
+    )
+    return model.eval().to(device)
