@@ -63,23 +63,23 @@ class QuantizationConfig(Section):
     )
     quantize_layernorm: bool = Field(False, description="Give LayerNorm inputs quantizers (ModelOpt >= 0.44 would).")
     exclude: list[str] = Field(
-        default_factory=lambda: ["*patch_embedding*"],
+        default=["*patch_embedding*"],
         description="Wildcard patterns of modules/quantizers to leave unquantized; each must match something.",
     )
 
 
 class EvaluationConfig(Section):
     tasks: list[Literal["zeroshot_classification", "zeroshot_retrieval"]] = Field(
-        default_factory=lambda: ["zeroshot_classification", "zeroshot_retrieval"],
+        default=["zeroshot_classification", "zeroshot_retrieval"],
         description="CLIP_benchmark tasks to run on baseline and fake-quantized FP8 models.",
     )
     dataset: str = Field(EMBEDDED_DATA, json_schema_extra={"locator": True}, description="Evaluation data: 'embedded:shapes'.")
     num_samples: int = Field(1000, ge=1, description="Images per task (a limit for quick runs).")
     batch_size: int = Field(256, ge=1, description="Evaluation batch size.")
     seed: int = Field(1, description="Seed of the evaluation split (distinct from calibration).")
-    recall_k: list[int] = Field(default_factory=lambda: [1, 5], description="Retrieval recall@k values.")
+    recall_k: list[int] = Field(default=[1, 5], description="Retrieval recall@k values.")
     max_drop: dict[str, float] = Field(
-        default_factory=lambda: {"*": 0.02},
+        default={"*": 0.02},
         description="Quality gate: largest allowed drop (baseline - FP8, absolute) per metric; '*' is the default.",
     )
     on_gate_failure: Literal["fail", "mark"] = Field(
@@ -106,7 +106,7 @@ class BuildConfig(Section):
 
 class BenchmarkConfig(Section):
     enabled: bool = Field(True, description="Benchmark the engines (skipped where no engine was built).")
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8, 32, 128], description="Batch sizes to time.")
+    batch_sizes: list[int] = Field(default=[1, 8, 32, 128], description="Batch sizes to time.")
 
 
 class OutputConfig(Section):
@@ -117,14 +117,14 @@ class OutputConfig(Section):
 class PipelineConfig(Section):
     """Everything a run of the clip-fp8 pipeline depends on."""
 
-    model: ModelConfig = Field(default_factory=ModelConfig, description="The CLIP checkpoint to quantize.")
-    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig, description="Calibration data.")
-    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig, description="ModelOpt FP8 PTQ.")
-    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="CLIP_benchmark quality check.")
-    export: ExportConfig = Field(default_factory=ExportConfig, description="ONNX export, surgery and pre-flight.")
-    build: BuildConfig = Field(default_factory=BuildConfig, description="TensorRT engine build.")
-    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig, description="Engine benchmark.")
-    output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
+    model: ModelConfig = Field(ModelConfig(), description="The CLIP checkpoint to quantize.")
+    calibration: CalibrationConfig = Field(CalibrationConfig(), description="Calibration data.")
+    quantization: QuantizationConfig = Field(QuantizationConfig(), description="ModelOpt FP8 PTQ.")
+    evaluation: EvaluationConfig = Field(EvaluationConfig(), description="CLIP_benchmark quality check.")
+    export: ExportConfig = Field(ExportConfig(), description="ONNX export, surgery and pre-flight.")
+    build: BuildConfig = Field(BuildConfig(), description="TensorRT engine build.")
+    benchmark: BenchmarkConfig = Field(BenchmarkConfig(), description="Engine benchmark.")
+    output: OutputConfig = Field(OutputConfig(), description="Where results go.")
 
     @classmethod
     def from_file(cls, path: str | Path) -> "PipelineConfig":

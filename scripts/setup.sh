@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create .venv and install clip-fp8 with its test extras. Idempotent: a second call installs nothing new.
+#
+# torch first, explicitly: open_clip and CLIP_benchmark need torchvision, and the torch 2.14.1 +
+# torchvision 0.29.1 pair is the one that imports together here (both come from local disk on the
+# project's CPU machines; elsewhere pip fetches them). A bare `torch` requirement would pull a newer
+# multi-GB CUDA build instead.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import torch, torchvision, modelopt.torch.quantization, prefect, tensorrt_rtx_bindings, clip_benchmark" \
+  2>/dev/null || { echo "setup.sh: the environment does not import; see the pip output above" >&2; exit 1; }
+echo "setup.sh: .venv ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

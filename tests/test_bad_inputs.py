@@ -1,0 +1,102 @@
+"""Bad input stops at the first stage that can know, with one line naming the value; nothing earlier is lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clip_fp8.errors import PipelineInputError
+from flows.pipeline import clip_fp8_pipeline
+from tests.conftest import write_coco_folder
+
+
+def _run_expecting(config, stage: str, *needles: str) -> dict:
+    with pytest.raises(PipelineInputError) as info:
+        clip_fp8_pipeline(config)
+    message = str(info.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message, message
+    summary_files = list(Path(config.output.root, "runs").glob("*/summary.json"))
+    assert len(summary_files) == 1
+    summary = json.loads(summary_files[0].read_text())
+    assert summary["status"] == "failed"
+    assert summary["stages"][stage]["status"] == "failed"
+    return summary
+
+
+def test_missing_model_path(fast_config, tmp_path):
+    missing = tmp_path / "no-such-model"
+    config = fast_config.with_overrides([f"model.source={missing}"])
+    summary = _run_expecting(config, "baseline_model", str(missing))
+    # The stage before it finished and its artifact is intact.
+    assert summary["stages"]["calibration_data"]["status"] == "completed"
+    assert list((Path(config.output.root) / "store" / "calibration_data").glob("*/manifest.json"))
+
+
+def test_non_clip_checkpoint(fast_config, tmp_path):
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (bert / "model.safetensors").write_bytes(b"")
+    _run_expecting(fast_config.with_overrides([f"model.source={bert}"]), "baseline_model", "'bert'", "not CLIP")
+
+
+def test_pickle_only_checkpoint_is_refused(fast_config, tmp_path):
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text(json.dumps({"model_type": "clip"}))
+    (pickled / "pytorch_model.bin").write_bytes(b"")
+    _run_expecting(fast_config.with_overrides([f"model.source={pickled}"]), "baseline_model", "safetensors")
+
+
+def test_empty_dataset_folder(fast_config, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _run_expecting(fast_config.with_overrides([f"calibration.source=coco:{empty}"]), "calibration_data", str(empty))
+
+
+def test_unreadable_dataset_images(fast_config, tmp_path):
+    coco = write_coco_folder(tmp_path / "coco", n_images=12, corrupt=6)
+    _run_expecting(fast_config.with_overrides([f"calibration.source=coco:{coco}", "calibration.num_samples=8"]),
+                   "calibration_data", "unreadable", "max_bad_fraction")
+
+
+def test_calibration_larger_than_dataset(fast_config, tmp_path):
+    coco = write_coco_folder(tmp_path / "coco", n_images=4)
+    _run_expecting(fast_config.with_overrides([f"calibration.source=coco:{coco}", "calibration.num_samples=10"]),
+                   "calibration_data", "num_samples=10", "4 captioned images")
+
+
+def test_exclusion_pattern_matching_nothing(fast_config):
+    config = fast_config.with_overrides(["quantization.exclude=['*patch_embedding*', '*no_such_layer*']"])
+    summary = _run_expecting(config, "quantize", "'*no_such_layer*'")
+    for earlier in ("calibration_data", "baseline_model"):
+        assert summary["stages"][earlier]["status"] == "completed"
+    # The failed stage published nothing: no half-written checkpoint a later run could trust.
+    quantize_dir = Path(config.output.root) / "store" / "quantize"
+    assert not quantize_dir.exists() or not any(quantize_dir.iterdir())
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path):
+    env = {**os.environ, "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "true"}
+    result = subprocess.run(
+        [sys.executable, "-m", "clip_fp8.cli", "run", "-o", str(tmp_path / "out"), "--set",
+         f"model.source={tmp_path / 'nope'}", "--set", "calibration.num_samples=16"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(tmp_path / "nope") in errors[0]
+
+
+def test_cli_rejects_a_bad_override(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "clip_fp8.cli", "run", "--set", "calibration.num_samples=-3"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "num_samples" in result.stderr

@@ -1,0 +1,92 @@
+"""ModelOpt for real on the embedded CLIP: our config's coverage, and the audit catching what escapes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from clip_fp8.config import PipelineConfig, QuantizationConfig
+from clip_fp8.errors import PipelineInputError
+from tasks.audit import audit
+from tasks.model import EMBEDDED_MODELS, load_clip
+from tasks.quantize import check_exclusions_match, fp8_quant_config, quantizer_table, register_quantized_attention
+
+MODEL = EMBEDDED_MODELS["tiny-clip-shapes"]
+
+
+def _calibrate(model) -> None:
+    torch.manual_seed(0)
+    ids = torch.randint(0, model.config.text_config.vocab_size - 2, (8, 77))
+    ids[:, 10] = model.config.text_config.eos_token_id
+    pixels = torch.randn(8, 3, 64, 64)
+    with torch.no_grad():
+        model(input_ids=ids, pixel_values=pixels)
+
+
+def _quantize(quant_cfg: dict, attn_implementation: str = "sdpa"):
+    import modelopt.torch.quantization as mtq
+
+    model = load_clip(MODEL, PipelineConfig().model, attn_implementation=attn_implementation)
+    register_quantized_attention(model)
+    mtq.quantize(model, quant_cfg, _calibrate)
+    return model
+
+
+def test_project_config_quantizes_both_towers_and_attention():
+    cfg = QuantizationConfig()
+    model = _quantize(fp8_quant_config(cfg))
+    summary = audit(quantizer_table(model), cfg)
+    assert summary["passed"], summary["problems"]
+    patch = [m for m in summary["modules"] if m["module"].endswith("patch_embedding")]
+    assert patch and not patch[0]["enabled"] and "quantization.exclude '*patch_embedding*'" in patch[0]["excluded"]
+
+
+def test_audit_fails_when_attention_is_requested_but_not_quantized():
+    # A model quantized without attention quantizers, audited against a config that asks for them.
+    model = _quantize(fp8_quant_config(QuantizationConfig(quantize_attention=False)))
+    summary = audit(quantizer_table(model), QuantizationConfig(quantize_attention=True))
+    assert not summary["passed"]
+    assert any("attention" in p and "Q/K/V" in p for p in summary["problems"]), summary["problems"]
+    assert summary["towers"]["image"]["attention_quantized"] == 0
+
+
+def test_audit_fails_when_calibration_never_reaches_a_tower():
+    import modelopt.torch.quantization as mtq
+
+    def text_only(model):
+        ids = torch.randint(0, 500, (4, 77))
+        with torch.no_grad():
+            model.get_text_features(input_ids=ids)
+
+    model = load_clip(MODEL, PipelineConfig().model)
+    register_quantized_attention(model)
+    mtq.quantize(model, fp8_quant_config(QuantizationConfig()), text_only)
+    summary = audit(quantizer_table(model), QuantizationConfig())
+    assert not summary["passed"]
+    assert any(p.startswith("vision_model") and "never calibrated" in p for p in summary["problems"])
+    assert not any(p.startswith("text_model") for p in summary["problems"])
+
+
+def test_audit_exposes_modelopt_default_config_skipping_the_image_tower():
+    import modelopt.torch.quantization as mtq
+
+    cfg = QuantizationConfig()
+    model = _quantize(copy.deepcopy(mtq.FP8_DEFAULT_CFG))
+    summary = audit(quantizer_table(model), cfg)
+    assert not summary["passed"]
+    assert any("vision_model" in p and "left unquantized" in p for p in summary["problems"])
+    assert summary["towers"]["image"].get("linear_quantized", 0) == 0
+
+
+def test_exclusion_entries_come_last_so_they_win():
+    entries = fp8_quant_config(QuantizationConfig(exclude=["*mlp*"]))["quant_cfg"]
+    assert entries[-1] == {"quantizer_name": "*mlp*", "enable": False}
+
+
+def test_exclusion_that_matches_nothing_is_an_error():
+    model = load_clip(MODEL, PipelineConfig().model)
+    check_exclusions_match(model, ["*patch_embedding*", "*.fc1.input_quantizer"])
+    with pytest.raises(PipelineInputError, match=r"'\*patch_embeding\*'"):
+        check_exclusions_match(model, ["*patch_embeding*"])

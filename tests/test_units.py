@@ -1,0 +1,100 @@
+"""Store atomicity, content-keyed caching, configuration, and the COCO calibration source."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from clip_fp8.artifacts import ArtifactStore
+from clip_fp8.caching import canonical, stage_key
+from clip_fp8.config import CalibrationConfig, ModelConfig, PipelineConfig
+from clip_fp8.errors import PipelineInputError
+from tasks.calibration import iter_calibration_batches, resolve_data_source, select_calibration_pairs
+from tasks.model import EMBEDDED_MODELS, load_processor, resolve_model_source
+from tests.conftest import write_coco_folder
+
+
+def test_failed_stage_publishes_nothing_and_keeps_the_previous_artifact(tmp_path):
+    store = ArtifactStore(tmp_path)
+    with store.staging("quantize", "k1") as tmp:
+        (tmp / "a.txt").write_text("first")
+    with pytest.raises(RuntimeError):
+        with store.staging("quantize", "k1") as tmp:
+            (tmp / "a.txt").write_text("half")
+            raise RuntimeError("killed")
+    assert (store.final_dir("quantize", "k1") / "a.txt").read_text() == "first"
+    assert [p.name for p in (tmp_path / "store" / "quantize").iterdir()] == ["k1"]  # no temp dir left behind
+
+
+def test_cache_key_follows_content_not_path(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(EMBEDDED_MODELS["tiny-clip-shapes"], a)
+    shutil.copytree(EMBEDDED_MODELS["tiny-clip-shapes"], b)
+    ref_a = resolve_model_source(ModelConfig(source=str(a)))
+    ref_b = resolve_model_source(ModelConfig(source=str(b)))
+    key = lambda ref, cfg: stage_key("baseline_model", "tasks.model", (), {"model_source": ref, "cfg": cfg})
+    assert ref_a.path != ref_b.path and ref_a.digest == ref_b.digest
+    assert key(ref_a, ModelConfig(source=str(a))) == key(ref_b, ModelConfig(source=str(b)))
+
+    config = json.loads((b / "config.json").read_text())
+    config["logit_scale_init_value"] = 3.0
+    (b / "config.json").write_text(json.dumps(config))
+    assert resolve_model_source(ModelConfig(source=str(b))).digest != ref_a.digest
+    # Settings that change the result do change the key.
+    assert key(ref_a, ModelConfig(source=str(a))) != key(ref_a, ModelConfig(source=str(a), dtype="float16"))
+
+
+def test_paths_cannot_sneak_into_a_cache_key():
+    with pytest.raises(TypeError):
+        canonical({"where": Path("/tmp")})
+
+
+def test_every_config_field_has_a_default_and_description():
+    schema = PipelineConfig.model_json_schema()
+
+    def walk(model_schema):
+        for name, prop in model_schema["properties"].items():
+            if "$ref" in prop or "allOf" in prop:
+                continue
+            assert prop.get("description"), name
+            assert "default" in prop, name
+
+    for section in schema["$defs"].values():
+        walk(section)
+    assert PipelineConfig() == PipelineConfig.model_validate({})
+
+
+def test_config_file_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("calibration:\n  num_samples: 64\nquantization:\n  exclude: ['*patch_embedding*', '*fc2*']\n")
+    config = PipelineConfig.from_file(path).with_overrides(["evaluation.max_drop={'*': 0.05}"])
+    assert config.calibration.num_samples == 64
+    assert config.quantization.exclude[-1] == "*fc2*"
+    assert config.evaluation.max_drop == {"*": 0.05}
+    with pytest.raises(ValueError, match="unknown section 'calib'"):
+        config.with_overrides(["calib.num_samples=3"])
+
+
+def test_coco_folder_selection_is_seeded_and_preprocessed_by_the_models_processor(tmp_path):
+    coco = write_coco_folder(tmp_path / "coco", n_images=20)
+    cfg = CalibrationConfig(source=f"coco:{coco}", num_samples=8, seed=3)
+    source = resolve_data_source(cfg)
+    first, again = select_calibration_pairs(source, cfg), select_calibration_pairs(source, cfg)
+    assert first == again and len(first["pairs"]) == 8
+    assert select_calibration_pairs(source, cfg.model_copy(update={"seed": 4}))["pairs"] != first["pairs"]
+    assert all(p["image"].startswith("train2017/") and len(p["sha256"]) == 64 for p in first["pairs"])
+
+    processor = load_processor(EMBEDDED_MODELS["tiny-clip-shapes"])
+    batches = list(iter_calibration_batches(first, source.path, processor, batch_size=5))
+    assert [b["pixel_values"].shape[0] for b in batches] == [5, 3]
+    assert batches[0]["pixel_values"].shape[1:] == (3, 64, 64)
+    assert batches[0]["input_ids"].shape[1] == 77
+
+
+def test_missing_captions_file_is_named(tmp_path):
+    coco = write_coco_folder(tmp_path / "coco", n_images=3)
+    with pytest.raises(PipelineInputError, match="captions_file 'nope.json'"):
+        resolve_data_source(CalibrationConfig(source=f"coco:{coco}", captions_file="nope.json"))
