@@ -1,0 +1,141 @@
+"""PyTorch baselines for the CLIP encoders at production shapes: what users run today, timed fairly.
+
+CLIP ViT-L/14 (laion2B-s32B-b82K architecture; random weights where the checkpoint cannot be had:
+latency depends on shapes, not values), FP16, SDPA attention, on one GPU. For each encoder and batch
+size: warm-up, then timed iterations for a fixed duration with CUDA events around each call, inputs
+already on the device and rotated among several sets (so no host-device copy and no cache-resident
+replay is timed). Reports median/p90/p95/p99 latency, throughput in samples/s, coefficient of
+variation (runs above --unstable-cv are flagged) and peak memory. Prints a table, writes JSON.
+
+    python benchmarks/bench_encoders.py --out bench.json [--compile] [--batch-sizes 1 8 32 128]
+
+Needs only torch and transformers (it runs on GPU hosts without the rest of the project installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from clip_fp8.encoders import ImageEncoder, TextEncoder  # noqa: E402
+
+VIT_L_14 = dict(
+    text_config=dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                     num_attention_heads=12, max_position_embeddings=77, hidden_act="gelu"),
+    vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       image_size=224, patch_size=14, hidden_act="gelu"),
+    projection_dim=768,
+)
+
+
+def build_model(device: str, dtype: torch.dtype):
+    from transformers import CLIPConfig, CLIPModel
+
+    config = CLIPConfig(**VIT_L_14)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = CLIPModel(config).to(dtype).eval()
+    return model
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+@torch.no_grad()
+def time_module(module, inputs: list[torch.Tensor], warmup_s: float, duration_s: float) -> dict:
+    t_end = time.perf_counter() + warmup_s
+    i = 0
+    while time.perf_counter() < t_end or i < 3:
+        module(inputs[i % len(inputs)])
+        i += 1
+    torch.cuda.synchronize()
+    times: list[float] = []
+    t_end = time.perf_counter() + duration_s
+    while time.perf_counter() < t_end or len(times) < 10:
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        x = inputs[len(times) % len(inputs)]
+        start.record()
+        module(x)
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    mean = statistics.fmean(times)
+    return {"iterations": len(times), "median_ms": statistics.median(times), "p90_ms": percentile(times, 90),
+            "p95_ms": percentile(times, 95), "p99_ms": percentile(times, 99), "mean_ms": mean,
+            "cv": statistics.pstdev(times) / mean if mean else 0.0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("bench_encoders.json"))
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 128])
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (default mode, static shapes)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per case")
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds of timed iterations per case")
+    parser.add_argument("--input-sets", type=int, default=4)
+    parser.add_argument("--unstable-cv", type=float, default=0.05)
+    args = parser.parse_args()
+
+    if not torch.cuda.is_available():
+        sys.exit("bench_encoders.py: needs a CUDA GPU (the PyTorch FP16 baseline is a GPU measurement)")
+    device, dtype = "cuda", torch.float16
+    model = build_model(device, dtype)
+    props = torch.cuda.get_device_properties(0)
+    meta = {"date": time.strftime("%Y-%m-%d"), "device": props.name,
+            "compute_capability": f"{props.major}.{props.minor}", "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__, "python": platform.python_version(),
+            "model": "CLIP ViT-L/14 (laion2B-s32B-b82K architecture, random weights), FP16, SDPA",
+            "parameters": sum(p.numel() for p in model.parameters()), "method": vars(args) | {"out": str(args.out)}}
+    encoders = {"text": TextEncoder(model).eval(), "image": ImageEncoder(model).eval()}
+    variants = {"pytorch-eager": lambda m: m}
+    if args.compile:
+        variants["pytorch-compile"] = lambda m: torch.compile(m, dynamic=False)
+
+    rows = []
+    for variant, wrap in variants.items():
+        for encoder_name, encoder in encoders.items():
+            runner = wrap(encoder)
+            for batch in args.batch_sizes:
+                g = torch.Generator(device=device).manual_seed(batch)
+                if encoder_name == "text":
+                    inputs = [torch.randint(0, 49406, (batch, 77), device=device, generator=g) for _ in range(args.input_sets)]
+                    for x in inputs:
+                        x[:, 20] = 49407  # EOS: CLIP pools there
+                else:
+                    inputs = [torch.randn(batch, 3, 224, 224, device=device, dtype=dtype, generator=g)
+                              for _ in range(args.input_sets)]
+                torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                stats = time_module(runner, inputs, args.warmup, args.duration)
+                row = {"variant": variant, "encoder": encoder_name, "batch": batch, **stats,
+                       "throughput_samples_s": batch * 1000.0 / stats["median_ms"],
+                       "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20,
+                       "unstable": stats["cv"] > args.unstable_cv, "wall_s": time.perf_counter() - t0}
+                rows.append(row)
+                args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))  # partial results survive a timeout
+                print(f"{variant:16} {encoder_name:5} b={batch:<4} median {row['median_ms']:8.3f} ms  "
+                      f"p99 {row['p99_ms']:8.3f}  {row['throughput_samples_s']:9.1f}/s  cv {row['cv']:.3f}"
+                      f"{' UNSTABLE' if row['unstable'] else ''}  peak {row['peak_memory_mb']:.0f} MB", flush=True)
+
+    print(f"\n{meta['device']} (cc {meta['compute_capability']}), torch {meta['torch']}, {meta['model']}")
+    print(f"{'variant':16} {'encoder':7} {'batch':>5} {'median ms':>10} {'p90':>8} {'p95':>8} {'p99':>8} {'samples/s':>10} {'cv':>6} {'peak MB':>8}")
+    for r in rows:
+        print(f"{r['variant']:16} {r['encoder']:7} {r['batch']:>5} {r['median_ms']:>10.3f} {r['p90_ms']:>8.3f} "
+              f"{r['p95_ms']:>8.3f} {r['p99_ms']:>8.3f} {r['throughput_samples_s']:>10.1f} {r['cv']:>6.3f} {r['peak_memory_mb']:>8.0f}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
