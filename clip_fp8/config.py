@@ -99,6 +99,13 @@ class ExportConfig(Section):
 
 class BuildConfig(Section):
     enabled: bool = Field(True, description="Build TensorRT engines (skipped with a reason where TensorRT is absent).")
+    backend: Literal["auto", "tensorrt", "trtexec", "tensorrt-rtx"] = Field(
+        "auto", description="'auto': the TensorRT Python API if it imports, else trtexec on PATH. "
+        "'tensorrt-rtx' builds RTX-GPU engines (also without a GPU).",
+    )
+    static_shapes: bool = Field(False, description="Build for opt_batch only instead of the min..max profile.")
+    workspace_mb: int = Field(4096, ge=64, description="Builder workspace memory pool (MiB).")
+    optimization_level: int = Field(3, ge=0, le=5, description="Builder optimization level (TensorRT default 3).")
     min_batch: int = Field(1, ge=1, description="Optimization profile: minimum batch.")
     opt_batch: int = Field(128, ge=1, description="Optimization profile: optimal batch.")
     max_batch: int = Field(128, ge=1, description="Optimization profile: maximum batch.")
@@ -107,6 +114,8 @@ class BuildConfig(Section):
 class BenchmarkConfig(Section):
     enabled: bool = Field(True, description="Benchmark the engines (skipped where no engine was built).")
     batch_sizes: list[int] = Field(default=[1, 8, 32, 128], description="Batch sizes to time.")
+    warmup_ms: int = Field(1000, ge=0, description="Warm-up before each timed case (ms).")
+    duration_s: int = Field(10, ge=1, description="Timed duration of each case (s).")
 
 
 class OutputConfig(Section):

@@ -7,6 +7,7 @@ wires refs between them, times them, and always writes the report, also when a s
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from datetime import datetime, timezone
@@ -21,9 +22,9 @@ from clip_fp8.artifacts import ArtifactRef, ArtifactStore, write_json_atomic, wr
 from clip_fp8.config import PipelineConfig
 from tasks import stages
 from tasks.calibration import resolve_data_source
-from tasks.engines import tensorrt_driver
+from tasks.engines import resolve_target
 from tasks.model import resolve_model_source
-from tasks.report import render_markdown
+from tasks.report import plot_benchmark, render_markdown
 
 STAGES = ("calibration_data", "baseline_model", "quantize", "audit", "evaluate", "export", "surgery", "build", "benchmark")
 
@@ -114,9 +115,18 @@ def clip_fp8_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
                               cfg=config.export, build_cfg=config.build, store=store)
         summary["onnx"] = repaired.meta["validation"]
         summary["artifacts"].update({f"onnx_{k}": str(repaired.file(k)) for k in repaired.files if k != "validation"})
-        driver = "|".join(str(x) for x in tensorrt_driver())
-        engines = runner.run("build", repaired=repaired, cfg=config.build, driver=driver, store=store)
-        runner.run("benchmark", engines=engines, cfg=config.benchmark, driver=driver, store=store)
+        resolved, _ = resolve_target(config.build)
+        target = resolved.key() if resolved else "none"
+        engines = runner.run("build", repaired=repaired, cfg=config.build, target=target, store=store)
+        if "engines" in engines.meta:
+            summary["engines"] = engines.meta
+        timed = runner.run("benchmark", engines=engines, cfg=config.benchmark, target=target, store=store)
+        if timed.meta.get("rows"):
+            summary["benchmark"] = timed.meta
+            run_dir.mkdir(parents=True, exist_ok=True)
+            png = plot_benchmark(timed.meta["rows"], run_dir / "benchmark.png")
+            summary["benchmark_png"] = base64.b64encode(png).decode()
+            summary["artifacts"]["benchmark_plot"] = str(run_dir / "benchmark.png")
         summary["status"] = "completed"
         summary["promotable"] = bool(metrics["promotable"])
     except BaseException as exc:
@@ -130,7 +140,7 @@ def clip_fp8_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
         summary["artifacts"]["report"] = str(run_dir / "report.md")
         summary["artifacts"]["summary"] = str(run_dir / "summary.json")
         write_text_atomic(run_dir / "report.md", markdown)
-        write_json_atomic(run_dir / "summary.json", {k: v for k, v in summary.items() if not k.endswith("_markdown")})
+        write_json_atomic(run_dir / "summary.json", {k: v for k, v in summary.items() if not k.endswith(("_markdown", "_png"))})
         create_markdown_artifact(key="clip-fp8-report", markdown=markdown, description=f"clip-fp8 run {run_dir.name}")
         print(f"report: {run_dir / 'report.md'}")
-    return {k: v for k, v in summary.items() if not k.endswith("_markdown")}
+    return {k: v for k, v in summary.items() if not k.endswith(("_markdown", "_png"))}

@@ -1,26 +1,373 @@
-"""TensorRT engine build and benchmark: which driver can run here, or why none can.
+"""TensorRT engines: build FP16 and FP8 engines per encoder through one interface, three backends.
 
-The Python API (``import tensorrt``) is preferred, ``trtexec`` on PATH is the fallback. Where neither
-exists both stages report ``skipped`` with the reason and how to get TensorRT: nothing is invented.
+- ``tensorrt``: the TensorRT Python API (builder, ONNX parser, strongly typed network, timing cache).
+- ``trtexec``: the command-line tool on PATH (``--stronglyTyped`` on 10.x; 11.x is always strongly typed).
+- ``tensorrt-rtx``: TensorRT-RTX from PyPI, same API, engines for RTX GPUs; it builds without a GPU,
+  which is how this stage is exercised on CPU machines.
+``auto`` picks the API when ``tensorrt`` imports, else trtexec when found, else the stage is skipped
+with the reason. Flag values are looked up by name, never hard-coded (they moved between 10 and 11).
+
+Both engines are strongly typed, so precision comes from the ONNX: the FP16 engine from the FP16 ONNX,
+the FP8 engine from the repaired FP8 ONNX. FP8 needs compute capability >= 8.9; on an older GPU the
+FP8 build is skipped with that reason and the FP16 engine still builds.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from clip_fp8.config import BuildConfig
 
 INSTALL_HINT = ("install TensorRT (NVIDIA's TensorRT container, or `pip install tensorrt` from NVIDIA's index) "
                 "or put trtexec on PATH")
+FP8_MIN_CC = (8, 9)
 
 
-def tensorrt_driver() -> tuple[str | None, str]:
-    """(driver, detail): ``("api", version)``, ``("trtexec", path)`` or ``(None, reason)``."""
+@dataclass(frozen=True)
+class Target:
+    """What an engine is built for: part of its cache key, so an engine never moves across GPU types."""
+
+    backend: str
+    version: str
+    gpu: str
+    compute_capability: str
+
+    def key(self) -> str:
+        return f"{self.backend}|{self.version}|{self.gpu}|{self.compute_capability}"
+
+
+def gpu_info() -> tuple[str, str]:
+    """(name, "major.minor") of GPU 0, or ("none", "") where no GPU is visible."""
     try:
-        import tensorrt
+        import torch
 
-        return "api", tensorrt.__version__
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            return props.name, f"{props.major}.{props.minor}"
     except ImportError:
         pass
-    trtexec = shutil.which("trtexec")
-    if trtexec:
-        return "trtexec", trtexec
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        out = subprocess.run([smi, "--query-gpu=name,compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        if out.returncode == 0 and out.stdout.strip():
+            name, cc = (s.strip() for s in out.stdout.splitlines()[0].split(","))
+            return name, cc
+    return "none", ""
+
+
+def fp8_supported(compute_capability: str) -> bool:
+    if not compute_capability:  # ahead-of-time builders without a GPU (TensorRT-RTX) decide for themselves
+        return True
+    major, minor = (int(x) for x in compute_capability.split("."))
+    return (major, minor) >= FP8_MIN_CC
+
+
+def _import_api(backend: str):
+    if backend == "tensorrt":
+        import tensorrt as trt
+    else:
+        import tensorrt_rtx_bindings as trt
+    return trt
+
+
+def trtexec_version(path: str) -> str:
+    """'10.3.0' from the banner ``[TensorRT v100300]`` (``v110000`` for 11.0)."""
+    out = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=60)
+    match = re.search(r"TensorRT v(\d+)", out.stdout + out.stderr)
+    if not match:
+        return "unknown"
+    code = int(match.group(1))
+    return f"{code // 10000}.{code // 100 % 100}.{code % 100}"
+
+
+def resolve_target(cfg: BuildConfig) -> tuple[Target | None, str]:
+    """The backend that will build, or None and why not."""
+    name, cc = gpu_info()
+    wanted = cfg.backend
+    if wanted in ("auto", "tensorrt"):
+        try:
+            trt = _import_api("tensorrt")
+            return Target("tensorrt", trt.__version__, name, cc), ""
+        except ImportError:
+            if wanted == "tensorrt":
+                return None, f"build.backend=tensorrt but `import tensorrt` failed; {INSTALL_HINT}"
+    if wanted in ("auto", "trtexec"):
+        path = shutil.which("trtexec")
+        if path:
+            return Target("trtexec", trtexec_version(path), name, cc), ""
+        if wanted == "trtexec":
+            return None, f"build.backend=trtexec but trtexec is not on PATH; {INSTALL_HINT}"
+    if wanted == "tensorrt-rtx":
+        try:
+            trt = _import_api("tensorrt-rtx")
+            return Target("tensorrt-rtx", trt.__version__, name, cc), ""
+        except ImportError:
+            return None, "build.backend=tensorrt-rtx but tensorrt_rtx_bindings is not installed"
     return None, f"no TensorRT: `import tensorrt` failed and trtexec is not on PATH; {INSTALL_HINT}"
+
+
+def onnx_input(onnx_path: Path) -> tuple[str, list[int]]:
+    import onnx
+
+    graph_input = onnx.load(str(onnx_path), load_external_data=False).graph.input[0]
+    dims = [d.dim_value for d in graph_input.type.tensor_type.shape.dim]
+    return graph_input.name, dims
+
+
+def shapes(onnx_path: Path, cfg: BuildConfig) -> dict[str, tuple[int, ...]]:
+    """min/opt/max input shapes (one shape, opt_batch, when build.static_shapes)."""
+    _, dims = onnx_input(onnx_path)
+    rest = tuple(dims[1:])
+    if cfg.static_shapes:
+        return {k: (cfg.opt_batch, *rest) for k in ("min", "opt", "max")}
+    return {"min": (cfg.min_batch, *rest), "opt": (cfg.opt_batch, *rest), "max": (cfg.max_batch, *rest)}
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def trtexec_build_command(trtexec: str, version: str, onnx_path: Path, engine_path: Path, cfg: BuildConfig,
+                          timing_cache: Path, layer_info: Path) -> list[str]:
+    name, _ = onnx_input(onnx_path)
+    s = shapes(onnx_path, cfg)
+    cmd = [trtexec, f"--onnx={onnx_path}", f"--saveEngine={engine_path}",
+           f"--minShapes={name}:{_dims(s['min'])}", f"--optShapes={name}:{_dims(s['opt'])}",
+           f"--maxShapes={name}:{_dims(s['max'])}", f"--timingCacheFile={timing_cache}",
+           f"--builderOptimizationLevel={cfg.optimization_level}", f"--memPoolSize=workspace:{cfg.workspace_mb}M",
+           "--profilingVerbosity=detailed", f"--exportLayerInfo={layer_info}", "--skipInference"]
+    if not version.startswith("11."):  # 11.x is always strongly typed and dropped the flag's effect
+        cmd.append("--stronglyTyped")
+    return cmd
+
+
+def trtexec_benchmark_command(trtexec: str, version: str, engine_path: Path, input_name: str,
+                              shape: tuple[int, ...], warmup_ms: int, duration_s: int) -> list[str]:
+    cmd = [trtexec, f"--loadEngine={engine_path}", f"--shapes={input_name}:{_dims(shape)}",
+           f"--warmUp={warmup_ms}", f"--duration={duration_s}", "--percentile=90,95,99", "--useSpinWait"]
+    if not version.startswith("11."):  # CUDA graphs and no data transfers are 11.x's defaults
+        cmd += ["--useCudaGraph", "--noDataTransfers"]
+    return cmd
+
+
+_STAT = r"(min|max|mean|median|percentile\((\d+)%\)) = ([\d.e+-]+) ms"
+
+
+def parse_trtexec_performance(text: str, batch: int) -> dict:
+    """The ``=== Performance summary ===`` of a trtexec run. qps counts batches: samples/s = qps x batch."""
+    out: dict = {}
+    qps = re.search(r"Throughput: ([\d.e+-]+) qps", text)
+    if not qps:
+        raise ValueError("no trtexec performance summary in the output")
+    out["throughput_qps"] = float(qps.group(1))
+    out["throughput_samples_s"] = out["throughput_qps"] * batch
+    for label, key in (("Latency", "latency"), ("GPU Compute Time", "gpu_compute")):
+        line = re.search(rf"\] {label}: (.*)|^{label}: (.*)", text, re.MULTILINE)
+        if not line:
+            continue
+        for stat, pct, value in re.findall(_STAT, line.group(1) or line.group(2)):
+            name = f"p{pct}" if pct else stat
+            out[f"{key}_{name}_ms"] = float(value)
+    cv = re.search(r"coefficient of variance = ([\d.]+)%", text)
+    out["cv"] = float(cv.group(1)) / 100 if cv else None
+    out["unstable"] = bool(cv)
+    return out
+
+
+def build_with_api(backend: str, onnx_path: Path, engine_path: Path, cfg: BuildConfig, timing_cache: Path) -> dict:
+    trt = _import_api(backend)
+    log: list[str] = []
+
+    class Capture(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+
+        def log(self, severity, msg):
+            if severity <= trt.ILogger.Severity.WARNING:
+                log.append(f"[{severity.name}] {msg}")
+
+    logger = Capture()
+    builder = trt.Builder(logger)
+    flags = 0
+    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if strongly_typed is not None:  # deprecated and ignored in 11.x (always strongly typed), required in 10.x
+        flags |= 1 << int(strongly_typed)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise RuntimeError(f"{backend} could not parse {onnx_path.name}: {errors[:1]}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, cfg.workspace_mb << 20)
+    if hasattr(config, "builder_optimization_level"):
+        config.builder_optimization_level = cfg.optimization_level
+    if hasattr(trt, "ProfilingVerbosity"):
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    cache_bytes = timing_cache.read_bytes() if timing_cache.exists() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    profile = builder.create_optimization_profile()
+    s = shapes(onnx_path, cfg)
+    profile.set_shape(network.get_input(0).name, s["min"], s["opt"], s["max"])
+    config.add_optimization_profile(profile)
+    t0 = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - t0
+    if serialized is None:
+        raise RuntimeError(f"{backend} build of {onnx_path.name} failed: {[m for m in log if 'ERROR' in m][-3:]}")
+    engine_path.write_bytes(bytes(serialized))
+    timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+    return {"seconds": seconds, "log": log}
+
+
+def layer_info_with_api(backend: str, engine_path: Path) -> str | None:
+    """The engine inspector's JSON (needs a GPU to deserialize; None where there is none)."""
+    trt = _import_api(backend)
+    try:
+        runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
+        engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
+    except Exception:
+        return None
+    if engine is None:
+        return None
+    inspector = engine.create_engine_inspector()
+    return inspector.get_engine_information(trt.LayerInformationFormat.JSON)
+
+
+def precision_census(layer_info_json: str | None) -> dict | None:
+    """How many engine layers compute on FP8, FP16, FP32 tensors, read off the layer information."""
+    if not layer_info_json:
+        return None
+    data = json.loads(layer_info_json)
+    layers = data.get("Layers", data) if isinstance(data, dict) else data
+    counts: dict[str, int] = {}
+    for layer in layers:
+        text = json.dumps(layer)
+        kind = "FP8" if "FP8" in text or "Float8" in text else "FP16" if "Half" in text or "FP16" in text else \
+            "FP32" if "Float" in text or "FP32" in text else "other"
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+def build_engines(repaired: dict[str, Path], cfg: BuildConfig, target: Target, out_dir: Path) -> dict:
+    """Build every (variant, encoder) engine into ``out_dir``; the report's facts for each."""
+    timing_cache = out_dir / "timing.cache"
+    results: dict[str, dict] = {}
+    for name, onnx_path in sorted(repaired.items()):
+        entry: dict = {"onnx": str(onnx_path)}
+        if name.startswith("fp8") and not fp8_supported(target.compute_capability):
+            entry["skip_reason"] = (f"FP8 needs compute capability >= 8.9; {target.gpu} is "
+                                    f"{target.compute_capability}")
+            results[name] = entry
+            continue
+        engine_path = out_dir / f"{name}.engine"
+        layer_path = out_dir / f"{name}.layers.json"
+        if target.backend == "trtexec":
+            cmd = trtexec_build_command(shutil.which("trtexec") or "trtexec", target.version, onnx_path, engine_path,
+                                        cfg, timing_cache, layer_path)
+            t0 = time.perf_counter()
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            (out_dir / f"{name}.build.log").write_text(" ".join(cmd) + "\n" + run.stdout + run.stderr)
+            if run.returncode != 0:
+                raise RuntimeError(f"trtexec failed on {onnx_path.name} (see {name}.build.log)")
+            entry["build_seconds"] = time.perf_counter() - t0
+            layer_info = layer_path.read_text() if layer_path.exists() else None
+        else:
+            built = build_with_api(target.backend, onnx_path, engine_path, cfg, timing_cache)
+            (out_dir / f"{name}.build.log").write_text("\n".join(built["log"]))
+            entry["build_seconds"] = built["seconds"]
+            layer_info = layer_info_with_api(target.backend, engine_path)
+            if layer_info:
+                layer_path.write_text(layer_info)
+        entry["engine"] = str(engine_path)
+        entry["engine_bytes"] = engine_path.stat().st_size
+        entry["precision"] = precision_census(layer_info) or "unavailable (layer information needs a GPU)"
+        results[name] = entry
+    return {"target": asdict(target), "engines": results}
+
+
+def _time_with_api(backend: str, engine_path: Path, batch: int, warmup_ms: int, duration_s: int) -> dict:
+    """CUDA-event timing of ``execute_async_v3`` on device-resident inputs (no host-device copies timed)."""
+    import statistics
+
+    import torch
+
+    trt = _import_api(backend)
+    runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
+    engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
+    context = engine.create_execution_context()
+    stream = torch.cuda.Stream()
+    buffers = []
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+            shape = (batch, *tuple(engine.get_tensor_shape(name))[1:])
+            context.set_input_shape(name, shape)
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        shape = tuple(context.get_tensor_shape(name))
+        dtype = {trt.DataType.HALF: torch.float16, trt.DataType.FLOAT: torch.float32,
+                 trt.DataType.INT64: torch.int64, trt.DataType.INT32: torch.int32}[engine.get_tensor_dtype(name)]
+        tensor = (torch.randint(0, 1000, shape, dtype=dtype, device="cuda") if not dtype.is_floating_point
+                  else torch.randn(shape, dtype=dtype, device="cuda"))
+        buffers.append(tensor)
+        context.set_tensor_address(name, tensor.data_ptr())
+    with torch.cuda.stream(stream):
+        t_end = time.perf_counter() + warmup_ms / 1000
+        while time.perf_counter() < t_end:
+            context.execute_async_v3(stream.cuda_stream)
+        stream.synchronize()
+        times: list[float] = []
+        t_end = time.perf_counter() + duration_s
+        while time.perf_counter() < t_end or len(times) < 10:
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            context.execute_async_v3(stream.cuda_stream)
+            stop.record(stream)
+            stop.synchronize()
+            times.append(start.elapsed_time(stop))
+    ordered = sorted(times)
+    pick = lambda q: ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]  # noqa: E731
+    mean = statistics.fmean(times)
+    cv = statistics.pstdev(times) / mean
+    return {"latency_median_ms": statistics.median(times), "latency_p90_ms": pick(90), "latency_p95_ms": pick(95),
+            "latency_p99_ms": pick(99), "throughput_samples_s": batch * 1000 / statistics.median(times),
+            "cv": cv, "unstable": cv > 0.05, "device_memory_bytes": engine.device_memory_size_v2
+            if hasattr(engine, "device_memory_size_v2") else engine.device_memory_size}
+
+
+def benchmark_engines(engine_dir: Path, built: dict, cfg, out_dir: Path) -> dict:
+    """Time every built engine at every batch size; one row per (engine, batch)."""
+    target = Target(**built["target"])
+    rows, skipped = [], {}
+    for name, entry in sorted(built["engines"].items()):
+        if "skip_reason" in entry:
+            skipped[name] = entry["skip_reason"]
+            continue
+        engine_path = engine_dir / entry["engine"]
+        if target.backend == "tensorrt-rtx":
+            skipped[name] = "TensorRT-RTX engines run on RTX GPUs only; not timed here"
+            continue
+        input_name, dims = onnx_input(Path(entry["onnx"]))
+        for batch in cfg.batch_sizes:
+            if target.backend == "trtexec":
+                cmd = trtexec_benchmark_command(shutil.which("trtexec") or "trtexec", target.version, engine_path,
+                                                input_name, (batch, *dims[1:]), cfg.warmup_ms, cfg.duration_s)
+                run = subprocess.run(cmd, capture_output=True, text=True)
+                (out_dir / f"{name}.b{batch}.log").write_text(" ".join(cmd) + "\n" + run.stdout + run.stderr)
+                if run.returncode != 0:
+                    raise RuntimeError(f"trtexec benchmark of {name} at batch {batch} failed (see {name}.b{batch}.log)")
+                stats = parse_trtexec_performance(run.stdout, batch)
+            else:
+                stats = _time_with_api(target.backend, engine_path, batch, cfg.warmup_ms, cfg.duration_s)
+            variant, encoder = name.split("_", 1)
+            rows.append({"engine": name, "variant": variant, "encoder": encoder, "batch": batch,
+                         "engine_bytes": entry["engine_bytes"], **stats})
+    return {"target": asdict(target), "rows": rows, "skipped": skipped}

@@ -47,5 +47,60 @@ def render_markdown(summary: dict[str, Any]) -> str:
         not_fp8 = sorted({g for k, v in onnx.items() if k.startswith("fp8") for g in v["census"]["gemms_not_fp8"]})
         if not_fp8:
             lines += ["", "GEMMs left in FP16 in the FP8 graphs: " + ", ".join(f"`{g}`" for g in not_fp8)]
+    engines = summary.get("engines")
+    if engines:
+        t = engines["target"]
+        lines += ["", "## TensorRT engines", "",
+                  f"Built with {t['backend']} {t['version']} for {t['gpu']} (compute capability {t['compute_capability'] or 'n/a'}).",
+                  "", "| engine | size | build s | layers by precision |", "|---|---|---|---|"]
+        for name, e in sorted(engines["engines"].items()):
+            if "skip_reason" in e:
+                lines.append(f"| {name} | — | — | skipped: {e['skip_reason']} |")
+            else:
+                precision = e["precision"] if isinstance(e["precision"], str) else \
+                    ", ".join(f"{k} {v}" for k, v in sorted(e["precision"].items()))
+                lines.append(f"| {name} | {_mb(e['engine_bytes'])} | {e['build_seconds']:.1f} | {precision} |")
+    bench = summary.get("benchmark")
+    if bench and bench.get("rows"):
+        lines += ["", "## Benchmark", "", "| encoder | variant | batch | median ms | p99 ms | samples/s | cv | FP8/FP16 speedup |",
+                  "|---|---|---|---|---|---|---|---|"]
+        median = {(r["encoder"], r["variant"], r["batch"]): r["latency_median_ms"] for r in bench["rows"]}
+        for r in sorted(bench["rows"], key=lambda r: (r["encoder"], r["batch"], r["variant"])):
+            fp16 = median.get((r["encoder"], "fp16", r["batch"]))
+            speedup = f"{fp16 / r['latency_median_ms']:.2f}x" if r["variant"] == "fp8" and fp16 else ""
+            cv = f"{r['cv']:.3f}{' unstable' if r.get('unstable') else ''}" if r.get("cv") is not None else "—"
+            lines.append(f"| {r['encoder']} | {r['variant']} | {r['batch']} | {r['latency_median_ms']:.3f} | "
+                         f"{r.get('latency_p99_ms', float('nan')):.3f} | {r['throughput_samples_s']:.1f} | {cv} | {speedup} |")
+        if summary.get("benchmark_png"):
+            lines += ["", f"![latency and throughput](data:image/png;base64,{summary['benchmark_png']})"]
     lines += ["", "## Artifacts", ""] + [f"- {k}: `{v}`" for k, v in summary.get("artifacts", {}).items()]
     return "\n".join(lines) + "\n"
+
+
+def plot_benchmark(rows: list[dict], path) -> bytes:
+    """Latency and throughput against batch size, one line per (encoder, variant); PNG bytes, also written to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (lat, thr) = plt.subplots(1, 2, figsize=(10, 4))
+    series: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        series.setdefault((r["encoder"], r["variant"]), []).append(r)
+    for (encoder, variant), points in sorted(series.items()):
+        points.sort(key=lambda r: r["batch"])
+        batches = [r["batch"] for r in points]
+        lat.plot(batches, [r["latency_median_ms"] for r in points], marker="o", label=f"{encoder} {variant}")
+        thr.plot(batches, [r["throughput_samples_s"] for r in points], marker="o", label=f"{encoder} {variant}")
+    for ax, ylabel in ((lat, "median latency (ms)"), (thr, "throughput (samples/s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    lat.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return open(path, "rb").read()

@@ -172,22 +172,41 @@ def surgery(model_source: ArtifactRef, quantized: ArtifactRef, exported: Artifac
     return store.publish("surgery", key, files, {"validation": results})
 
 
-@stage("build", retries=2)
-def build(repaired: ArtifactRef, cfg: BuildConfig, driver: str, store: ArtifactStore) -> ArtifactRef:
-    from tasks.engines import tensorrt_driver
+@stage("build", retries=2, timeout_seconds=3600)
+def build(repaired: ArtifactRef, cfg: BuildConfig, target: str, store: ArtifactStore) -> ArtifactRef:
+    """``target`` (backend, version, GPU name, compute capability) is in the key: no engine crosses GPU types."""
+    from tasks.engines import build_engines, resolve_target
 
-    found, detail = tensorrt_driver()
     if not cfg.enabled:
         return ArtifactRef(stage="build", path="", digest="disabled", meta={"skip_reason": "build.enabled=false"})
-    if found is None:
-        return ArtifactRef(stage="build", path="", digest="skipped", meta={"skip_reason": detail})
-    raise NotImplementedError(f"TensorRT {found} ({detail}) found; engine builds arrive with the engine-build issue")
+    resolved, why_not = resolve_target(cfg)
+    if resolved is None:
+        return ArtifactRef(stage="build", path="", digest="skipped", meta={"skip_reason": why_not})
+    key = key_of("build", repaired=repaired, cfg=cfg, target=target)
+    onnx_files = {name: repaired.file(name) for name in repaired.files if name.startswith(("fp16_", "fp8_"))}
+    with store.staging("build", key) as tmp:
+        result = build_engines(onnx_files, cfg, resolved, tmp)
+        for entry in result["engines"].values():  # paths as published, not as staged
+            for field in ("engine",):
+                if field in entry:
+                    entry[field] = Path(entry[field]).name
+        (tmp / "engines.json").write_text(json.dumps(result, indent=1))
+    return store.publish("build", key, {"engines": "engines.json"}, result)
 
 
-@stage("benchmark", retries=2)
-def benchmark(engines: ArtifactRef, cfg: BenchmarkConfig, driver: str, store: ArtifactStore) -> ArtifactRef:
+@stage("benchmark", retries=2, timeout_seconds=3600)
+def benchmark(engines: ArtifactRef, cfg: BenchmarkConfig, target: str, store: ArtifactStore) -> ArtifactRef:
     if "skip_reason" in engines.meta:
         return ArtifactRef(stage="benchmark", path="", digest="skipped",
                            meta={"skip_reason": f"no engines to time ({engines.meta['skip_reason']})"})
-    raise NotImplementedError("engine benchmarks arrive with the engine-build issue")
+    if not cfg.enabled:
+        return ArtifactRef(stage="benchmark", path="", digest="disabled", meta={"skip_reason": "benchmark.enabled=false"})
+    from tasks.engines import benchmark_engines
 
+    key = key_of("benchmark", engines=engines, cfg=cfg, target=target)
+    with store.staging("benchmark", key) as tmp:
+        result = benchmark_engines(Path(engines.path), engines.meta, cfg, tmp)
+        (tmp / "benchmark.json").write_text(json.dumps(result, indent=1))
+    if not result["rows"]:
+        result["skip_reason"] = "; ".join(sorted(set(result["skipped"].values()))) or "nothing to time"
+    return store.publish("benchmark", key, {"benchmark": "benchmark.json"}, result)
