@@ -58,6 +58,20 @@ def _print_stages(summary: dict) -> None:
 
 
 @app.command()
+def deploy(
+    work_pool: str = typer.Option("gpu", help="Work pool the deployments run on (created as a process pool if missing)."),
+    nightly_cron: str = typer.Option("0 2 * * *", help="Cron of the nightly re-quantization."),
+    timezone: str = typer.Option("UTC", help="IANA timezone of the nightly cron."),
+    gpu_name: list[str] = typer.Option([], help="GPU type to create a one-slot benchmark limit for (repeatable)."),
+) -> None:
+    """Create the work pool, GPU concurrency limits and the on-demand and nightly deployments (idempotent)."""
+    from deployments.deploy import deploy_all
+
+    for name, deployment_id in deploy_all(work_pool, nightly_cron, timezone, tuple(gpu_name)).items():
+        typer.echo(f"{name}: {deployment_id}")
+
+
+@app.command()
 def schema() -> None:
     """Print the configuration's JSON schema (the Prefect UI form is generated from it)."""
     from clip_fp8.config import PipelineConfig

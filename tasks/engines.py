@@ -62,6 +62,11 @@ def gpu_info() -> tuple[str, str]:
     return "none", ""
 
 
+def gpu_limit_name(gpu: str) -> str:
+    """The Prefect global concurrency limit a benchmark holds while it times engines on this GPU type."""
+    return f"gpu:{gpu}"
+
+
 def fp8_supported(compute_capability: str) -> bool:
     if not compute_capability:  # ahead-of-time builders without a GPU (TensorRT-RTX) decide for themselves
         return True

@@ -201,10 +201,14 @@ def benchmark(engines: ArtifactRef, cfg: BenchmarkConfig, target: str, store: Ar
                            meta={"skip_reason": f"no engines to time ({engines.meta['skip_reason']})"})
     if not cfg.enabled:
         return ArtifactRef(stage="benchmark", path="", digest="disabled", meta={"skip_reason": "benchmark.enabled=false"})
-    from tasks.engines import benchmark_engines
+    from prefect.concurrency.sync import concurrency
+
+    from tasks.engines import benchmark_engines, gpu_limit_name
 
     key = key_of("benchmark", engines=engines, cfg=cfg, target=target)
-    with store.staging("benchmark", key) as tmp:
+    gpu = engines.meta["target"]["gpu"]
+    # One benchmark per GPU type at a time (the limit `clip-fp8 deploy` creates); without it, no lock.
+    with store.staging("benchmark", key) as tmp, concurrency(gpu_limit_name(gpu), occupy=1, strict=False):
         result = benchmark_engines(Path(engines.path), engines.meta, cfg, tmp)
         (tmp / "benchmark.json").write_text(json.dumps(result, indent=1))
     if not result["rows"]:

@@ -1,0 +1,96 @@
+"""Create the work pool, the GPU concurrency limit and the deployments. Idempotent: run it as often as you like.
+
+    clip-fp8 deploy [--work-pool gpu] [--nightly-cron "0 2 * * *"] [--timezone Europe/Berlin] [--gpu-name "NVIDIA H100 80GB HBM3"]
+
+- ``clip-fp8-on-demand``: no schedule; the run form in the UI is the pipeline's ``PipelineConfig``.
+- ``clip-fp8-nightly``: cron with an explicit timezone; production parameters (ViT-L/14, COCO).
+  A night with nothing changed completes from the cache in seconds and its report says so.
+- Work pool: ``process`` by default; ``docker/`` and ``deployments/job-templates/`` hold templates for
+  docker and kubernetes pools with GPUs.
+- Global concurrency limit ``gpu:<GPU name>`` with one slot: the benchmark stage takes it, so two runs
+  never time engines on the same GPU type at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from clip_fp8.config import PipelineConfig
+from tasks.engines import gpu_limit_name
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ENTRYPOINT = "flows/pipeline.py:clip_fp8_pipeline"
+ON_DEMAND = "clip-fp8-on-demand"
+NIGHTLY = "clip-fp8-nightly"
+
+
+def production_config() -> PipelineConfig:
+    """What the nightly run quantizes: the reference recipe, from paths a GPU worker mounts."""
+    return PipelineConfig().with_overrides([
+        "model.source=laion/CLIP-ViT-L-14-laion2B-s32B-b82K",
+        "calibration.source=coco:/data/coco2017",
+        "calibration.num_samples=8192",
+        "calibration.batch_size=512",
+        "output.root=/data/clip-fp8",
+    ])
+
+
+async def ensure_work_pool(name: str, pool_type: str = "process") -> None:
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    async with get_client() as client:
+        try:
+            await client.read_work_pool(name)
+            return
+        except ObjectNotFound:
+            pass
+        template = ProcessWorker.get_default_base_job_template() if pool_type == "process" else {}
+        await client.create_work_pool(WorkPoolCreate(name=name, type=pool_type, base_job_template=template))
+
+
+async def ensure_concurrency_limit(name: str, slots: int = 1) -> None:
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectNotFound
+
+    async with get_client() as client:
+        try:
+            await client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            await client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
+
+
+def deploy_all(work_pool: str = "gpu", nightly_cron: str = "0 2 * * *", timezone: str = "UTC",
+               gpu_names: tuple[str, ...] = (), on_demand_config: PipelineConfig | None = None,
+               nightly_config: PipelineConfig | None = None) -> dict[str, str]:
+    """Create or update everything; return deployment name -> id."""
+    from prefect import flow
+    from prefect.schedules import Cron
+
+    from tasks.engines import gpu_info
+
+    asyncio.run(ensure_work_pool(work_pool))
+    local_gpu, _ = gpu_info()
+    for gpu in {*gpu_names, *([local_gpu] if local_gpu != "none" else [])}:
+        asyncio.run(ensure_concurrency_limit(gpu_limit_name(gpu)))
+
+    source = flow.from_source(source=str(REPO_ROOT), entrypoint=ENTRYPOINT)
+    ids = {}
+    ids[ON_DEMAND] = str(source.deploy(
+        name=ON_DEMAND, work_pool_name=work_pool, build=False, push=False, print_next_steps=False,
+        parameters={"config": (on_demand_config or PipelineConfig()).model_dump(mode="json")},
+        description="Run the clip-fp8 pipeline once; every section of the form is a PipelineConfig section.",
+        tags=["clip-fp8", "on-demand"],
+    ))
+    ids[NIGHTLY] = str(source.deploy(
+        name=NIGHTLY, work_pool_name=work_pool, build=False, push=False, print_next_steps=False,
+        parameters={"config": (nightly_config or production_config()).model_dump(mode="json")},
+        schedules=[Cron(nightly_cron, timezone=timezone)],
+        description="Nightly re-quantization of the production CLIP; unchanged inputs finish from the cache.",
+        tags=["clip-fp8", "nightly"],
+    ))
+    return ids

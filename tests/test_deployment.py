@@ -1,0 +1,190 @@
+"""Deployed for real: a Prefect server on 127.0.0.1 (SQLite), `clip-fp8 deploy`, a process worker, runs
+triggered through the CLI and the API; then a run killed mid-flow and re-run, resuming from the cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from clip_fp8.config import PipelineConfig
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(url)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
+           "PREFECT_LOGGING_LEVEL": "WARNING"}
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/api/health", 180)
+        yield {"env": {**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}, "url": f"http://127.0.0.1:{port}",
+               "home": home}
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def deployed(server):
+    for _ in range(2):  # idempotent: the second call changes nothing and does not fail
+        out = subprocess.run([str(BIN / "clip-fp8"), "deploy", "--work-pool", "test-pool", "--nightly-cron", "30 3 * * *",
+                              "--timezone", "Europe/Berlin", "--gpu-name", "NVIDIA H100 80GB HBM3"],
+                             env=server["env"], capture_output=True, text=True, timeout=300, cwd=server["home"])
+        assert out.returncode == 0, out.stderr[-3000:]
+    log = open(server["home"] / "worker.log", "w")
+    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "test-pool", "--type", "process"],
+                              env=server["env"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                              cwd=server["home"])
+    yield server
+    _stop(worker)
+
+
+def _api(server, coro_fn):
+    import asyncio
+
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def call():
+        async with get_client() as client:
+            return await coro_fn(client)
+
+    with temporary_settings(updates={PREFECT_API_URL: server["env"]["PREFECT_API_URL"]}):
+        return asyncio.run(call())
+
+
+def _wait_for_run(server, flow_run_id, timeout: float = 600):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        run = _api(server, lambda c: c.read_flow_run(flow_run_id))
+        if run.state and run.state.is_final():
+            return run
+        time.sleep(3)
+    raise TimeoutError(f"flow run {flow_run_id} did not finish")
+
+
+def _small_config(root: Path) -> dict:
+    return PipelineConfig().with_overrides([
+        f"output.root={root}", "calibration.num_samples=256", "calibration.batch_size=128",
+        "evaluation.num_samples=200",
+    ]).model_dump(mode="json")
+
+
+def test_nightly_schedule_and_gpu_limit_are_registered(deployed):
+    deployment = _api(deployed, lambda c: c.read_deployment_by_name("clip-fp8/clip-fp8-nightly"))
+    schedule = deployment.schedules[0].schedule
+    assert schedule.cron == "30 3 * * *" and schedule.timezone == "Europe/Berlin"
+    assert deployment.parameters["config"]["model"]["source"] == "laion/CLIP-ViT-L-14-laion2B-s32B-b82K"
+    limit = _api(deployed, lambda c: c.read_global_concurrency_limit_by_name("gpu:NVIDIA H100 80GB HBM3"))
+    assert limit.limit == 1
+    on_demand = _api(deployed, lambda c: c.read_deployment_by_name("clip-fp8/clip-fp8-on-demand"))
+    assert not on_demand.schedules
+    # The UI's run form is generated from this schema: the pipeline's sections with descriptions.
+    config_schema = on_demand.parameter_openapi_schema
+    assert "config" in config_schema["properties"]
+    defs = config_schema.get("definitions") or config_schema.get("$defs")
+    assert defs["CalibrationConfig"]["properties"]["num_samples"]["description"]
+
+
+def test_runs_triggered_from_cli_and_api_complete_with_report(deployed, tmp_path):
+    params = {"config": _small_config(tmp_path / "out")}
+    out = subprocess.run([str(BIN / "prefect"), "deployment", "run", "clip-fp8/clip-fp8-on-demand",
+                          "--params", json.dumps(params)], env=deployed["env"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    run_id = next(line.split()[-1] for line in out.stdout.splitlines() if "UUID" in line)
+    first = _wait_for_run(deployed, run_id)
+    assert first.state.is_completed(), (first.state, (deployed["home"] / "worker.log").read_text()[-3000:])
+
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    artifacts = _api(deployed, lambda c: c.read_artifacts(
+        artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[first.id]))))
+    keys = {a.key for a in artifacts}
+    assert {"clip-fp8-report", "quantization-audit", "quality-gate"} <= keys
+
+    # The same parameters through the API: a new run, served from the cache the first one left.
+    deployment = _api(deployed, lambda c: c.read_deployment_by_name("clip-fp8/clip-fp8-on-demand"))
+    second = _api(deployed, lambda c: c.create_flow_run_from_deployment(deployment.id, parameters=params))
+    second = _wait_for_run(deployed, second.id)
+    assert second.state.is_completed()
+    summaries = sorted((tmp_path / "out" / "runs").glob("*/summary.json"), key=lambda p: p.stat().st_mtime)
+    latest = json.loads(summaries[-1].read_text())
+    assert latest["all_cached"] is True
+    assert all(s["status"] in ("cached", "skipped") for s in latest["stages"].values())
+
+
+def test_killed_run_resumes_from_the_last_completed_stage(tmp_path):
+    """A run killed mid-flow, then re-run with the same parameters, executes only what did not finish."""
+    root = tmp_path / "out"
+    args = [str(BIN / "clip-fp8"), "run", "-o", str(root), "--set", "calibration.num_samples=256",
+            "--set", "calibration.batch_size=128", "--set", "evaluation.num_samples=200"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((root / "store").glob("audit/[0-9a-f]*")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # as an OOM killer or a lost node would
+    proc.wait()
+    assert list((root / "store").glob("audit/[0-9a-f]*")), "the run never reached the audit"
+
+    from flows.pipeline import clip_fp8_pipeline
+
+    summary = clip_fp8_pipeline(PipelineConfig().with_overrides([
+        f"output.root={root}", "calibration.num_samples=256", "calibration.batch_size=128", "evaluation.num_samples=200"]))
+    status = {name: stage["status"] for name, stage in summary["stages"].items()}
+    assert [status[s] for s in ("calibration_data", "baseline_model", "quantize", "audit")] == ["cached"] * 4
+    assert status["surgery"] == "completed" and summary["status"] == "completed"
+
+
+def test_prefect_yaml_deploys_with_prefect_deploy_all(server):
+    # Last in this module: it redefines the deployments the tests above ran against, on pool "gpu".
+    repo = Path(__file__).resolve().parent.parent
+    subprocess.run([str(BIN / "prefect"), "work-pool", "create", "gpu", "--type", "process"], env=server["env"],
+                   capture_output=True, timeout=120, check=True)
+    out = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], cwd=repo, env=server["env"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    nightly = _api(server, lambda c: c.read_deployment_by_name("clip-fp8/clip-fp8-nightly"))
+    assert nightly.schedules[0].schedule.cron == "0 2 * * *"
+    assert nightly.parameters["config"]["calibration"]["num_samples"] == 8192
