@@ -53,6 +53,7 @@ def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-home")
     port = _free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
            "PREFECT_LOGGING_LEVEL": "WARNING"}
     log = open(home / "server.log", "w")
@@ -153,6 +154,67 @@ def test_runs_triggered_from_cli_and_api_complete_with_report(deployed, tmp_path
     latest = json.loads(summaries[-1].read_text())
     assert latest["all_cached"] is True
     assert all(s["status"] in ("cached", "skipped") for s in latest["stages"].values())
+
+
+def test_custom_run_from_the_prefect_ui_in_chromium(deployed, tmp_path, request):
+    """A person's path: open the deployment's run form, change parameters, submit, watch it complete."""
+    if not (Path("/usr/bin/chromium").exists() and Path("/usr/bin/chromedriver").exists()):
+        pytest.fail("Debian chromium and chromium-driver are required: bash scripts/setup.sh --test installs them")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    shots = Path(os.environ.get("CLIP_FP8_TEST_OUTPUT", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--window-size=1400,2400", f"--user-data-dir={tmp_path / 'chrome'}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    try:
+        deployment = _api(deployed, lambda c: c.read_deployment_by_name("clip-fp8/clip-fp8-on-demand"))
+        driver.get(f"{deployed['url']}/deployments/deployment/{deployment.id}/run")
+        wait = WebDriverWait(driver, 60)
+        wait.until(EC.presence_of_element_located((By.XPATH, "//label[contains(., 'Num Samples')]")))
+
+        def set_value(element, value: str) -> None:
+            element.send_keys(Keys.CONTROL, "a")
+            element.send_keys(value)
+
+        numbers = driver.find_elements(By.CSS_SELECTOR, "input[type=number]")
+        calibration_samples = next(e for e in numbers if e.get_attribute("value") == "8192")
+        evaluation_samples = next(e for e in numbers if e.get_attribute("value") == "1000")  # first: evaluation's
+        set_value(calibration_samples, "256")
+        set_value(evaluation_samples, "200")
+        root = next(e for e in driver.find_elements(By.TAG_NAME, "textarea") if e.get_attribute("value") == "clip-fp8-output")
+        set_value(root, str(tmp_path / "ui-out"))
+        driver.save_screenshot(str(shots / "prefect-ui-custom-run-form.png"))
+        submit = driver.find_element(By.XPATH, "//button[normalize-space(.)='Submit']")
+        driver.execute_script("arguments[0].scrollIntoView();", submit)
+        submit.click()
+        # The UI goes back to the deployment's page, where the new run is listed.
+        wait.until(lambda d: not d.current_url.rstrip("/").endswith("/run"))
+        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+        from prefect.client.schemas.sorting import FlowRunSort
+
+        runs = _api(deployed, lambda c: c.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+            sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=1))
+        run = _wait_for_run(deployed, runs[0].id)
+        assert run.state.is_completed(), run.state
+        assert run.parameters["config"]["calibration"]["num_samples"] == 256
+        assert run.parameters["config"]["evaluation"]["num_samples"] == 200
+        driver.get(f"{deployed['url']}/runs/flow-run/{run.id}")
+        WebDriverWait(driver, 60).until(EC.presence_of_element_located((By.XPATH, "//*[normalize-space(.)='Completed']")))
+        driver.save_screenshot(str(shots / "prefect-ui-run-completed.png"))
+        assert list((tmp_path / "ui-out" / "runs").glob("*/summary.json"))
+    finally:
+        driver.quit()
 
 
 def test_killed_run_resumes_from_the_last_completed_stage(tmp_path):

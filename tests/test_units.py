@@ -98,3 +98,41 @@ def test_missing_captions_file_is_named(tmp_path):
     coco = write_coco_folder(tmp_path / "coco", n_images=3)
     with pytest.raises(PipelineInputError, match="captions_file 'nope.json'"):
         resolve_data_source(CalibrationConfig(source=f"coco:{coco}", captions_file="nope.json"))
+
+
+def test_retries_are_for_transient_failures_only():
+    from prefect.states import Failed
+
+    from clip_fp8.errors import AuditError, QualityGateError
+    from tasks.stages import calibration_data, evaluate, retry_transient_only
+
+    for deterministic in (PipelineInputError("bad path"), AuditError("gap"), QualityGateError("drop")):
+        assert retry_transient_only(None, None, Failed(data=deterministic)) is False
+    for transient in (OSError("connection reset"), RuntimeError("CUDA error: unspecified launch failure")):
+        assert retry_transient_only(None, None, Failed(data=transient)) is True
+    assert calibration_data.retries == 2 and calibration_data.retry_jitter_factor == 0.5
+    assert evaluate.retries == 1
+
+
+def test_a_transient_failure_is_retried_by_prefect(tmp_path):
+    """The same retry options on a task that fails once: Prefect runs it again and the flow completes."""
+    from prefect import flow
+    from prefect.cache_policies import NO_CACHE
+
+    from tasks.stages import stage
+
+    marker = tmp_path / "attempts"
+
+    @stage("calibration_data", retries=2)
+    def flaky(store_dir: str) -> int:
+        attempts = int(marker.read_text()) + 1 if marker.exists() else 1
+        marker.write_text(str(attempts))
+        if attempts == 1:
+            raise OSError("transient read error")
+        return attempts
+
+    @flow
+    def run() -> int:
+        return flaky.with_options(retry_delay_seconds=0, cache_policy=NO_CACHE, persist_result=False)(str(tmp_path))
+
+    assert run() == 2
