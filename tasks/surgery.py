@@ -28,8 +28,9 @@ from onnx import TensorProto, helper, numpy_helper, shape_inference
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "TRT_FP8QuantizeLinear", "TRT_FP8DequantizeLinear"}
 
 
-def float_input_type(model: onnx.ModelProto) -> int | None:
-    for value in model.graph.input:
+def compute_type(model: onnx.ModelProto) -> int | None:
+    """The graph's float type, read off its outputs (the text encoder's input is int64 token ids)."""
+    for value in [*model.graph.output, *model.graph.input]:
         t = value.type.tensor_type.elem_type
         if t in (TensorProto.FLOAT, TensorProto.FLOAT16):
             return t
@@ -39,7 +40,7 @@ def float_input_type(model: onnx.ModelProto) -> int | None:
 def retype_float32(model: onnx.ModelProto) -> dict[str, int]:
     """FP32 initializers and Cast(to=FLOAT) -> FP16, only when the graph computes in FP16."""
     counts = {"initializers": 0, "casts": 0}
-    if float_input_type(model) != TensorProto.FLOAT16:
+    if compute_type(model) != TensorProto.FLOAT16:
         return counts
     for init in model.graph.initializer:
         if init.data_type == TensorProto.FLOAT:
