@@ -49,6 +49,19 @@ def make_checkpoint(path: Path) -> None:
     CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(path)
 
 
+def dump_structure(raw_dir: Path, out: Path, keep_bytes: int = 4096) -> None:
+    """Copy each raw ONNX with initializers above ``keep_bytes`` emptied (dims kept): small enough to ship back."""
+    import onnx
+
+    out.mkdir(parents=True, exist_ok=True)
+    for path in sorted(raw_dir.glob("fp8_*.onnx")):
+        model = onnx.load(str(path))
+        for init in model.graph.initializer:
+            if len(init.raw_data) > keep_bytes:
+                init.raw_data = b""
+        onnx.save(model, str(out / f"{path.stem}.structure.onnx"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/clip-fp8-vitl"))
@@ -57,6 +70,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--eval-samples", type=int, default=1000)
     parser.add_argument("--check-samples", type=int, default=4)
+    parser.add_argument("--model", default="vit-l-14",
+                        help="vit-l-14 (random weights, built here) or any model.source, e.g. tiny-clip-shapes")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float16", "float32"])
+    parser.add_argument("--dump-graphs", type=Path, default=None,
+                        help="write the raw FP8 ONNX graphs here with large weights stripped (structure only, for debugging surgery)")
     args = parser.parse_args()
 
     from tasks.audit import audit
@@ -70,8 +88,9 @@ def main() -> None:
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
     cuda = torch.cuda.is_available()
+    source = str(args.work / "vit-l-14") if args.model == "vit-l-14" else args.model
     config = PipelineConfig().with_overrides([
-        f"model.source={args.work / 'vit-l-14'}", f"calibration.num_samples={args.calibration}",
+        f"model.source={source}", f"model.dtype={args.dtype}", f"calibration.num_samples={args.calibration}",
         f"calibration.batch_size={args.batch}", f"evaluation.num_samples={args.eval_samples}",
         "evaluation.batch_size=250", f"export.check_samples={args.check_samples}",
     ])
@@ -102,7 +121,8 @@ def main() -> None:
             "modelopt": __import__("importlib.metadata").metadata.version("nvidia-modelopt"),
             "command": " ".join(sys.argv), "config": config.model_dump(mode="json")}
 
-    stage("make_checkpoint", lambda: make_checkpoint(args.work / "vit-l-14"))
+    if args.model == "vit-l-14":
+        stage("make_checkpoint", lambda: make_checkpoint(args.work / "vit-l-14"))
     model_ref = resolve_model_source(config.model)
     data_ref = resolve_data_source(config.calibration)
     stage("calibration_data", lambda: select_calibration_pairs(data_ref, config.calibration))
@@ -129,6 +149,8 @@ def main() -> None:
     stage("export", lambda: export_all(model_ref.path, str(args.work / "q" / "checkpoint"), config.model,
                                        config.export, args.work / "raw"))
     meta["onnx_raw_bytes"] = state["export"]
+    if args.dump_graphs and state["export"]:
+        dump_structure(args.work / "raw", args.dump_graphs)
     stage("surgery", lambda: repair_and_validate(args.work / "raw", model_ref.path, str(args.work / "q" / "checkpoint"),
                                                  state["calibration_data"], data_ref.path, config.model, config.export,
                                                  config.build, args.work / "repaired"))

@@ -15,16 +15,16 @@ from tasks.export import dummy_inputs, export_encoder
 from tasks.model import EMBEDDED_MODELS, load_clip
 from tasks.preflight import preflight
 from tasks.quantize import fp8_quant_config, register_quantized_attention
-from tasks.surgery import fix_moved_transpose_shapes, qdq_census, repair_for_strong_typing, retype_float32, standardize_qdq
+from tasks.surgery import (
+    fix_moved_transpose_shapes, qdq_census, quantize_safe_softmax, repair_for_strong_typing, retype_float32, standardize_qdq,
+)
 from tasks.validate import cosine, onnx_embeddings, torch_embeddings
 
 
-@pytest.fixture(scope="module")
-def fp8_export(tmp_path_factory):
+def quantize_and_export(out, model_cfg):
     import modelopt.torch.quantization as mtq
 
-    out = tmp_path_factory.mktemp("fp8")
-    model = load_clip(EMBEDDED_MODELS["tiny-clip-shapes"], PipelineConfig().model)
+    model = load_clip(EMBEDDED_MODELS["tiny-clip-shapes"], model_cfg)
     register_quantized_attention(model)
     torch.manual_seed(0)
     calib = dummy_inputs(model, 16)
@@ -36,6 +36,18 @@ def fp8_export(tmp_path_factory):
         paths[name] = out / f"fp8_{name}.onnx"
         export_encoder(wrapper.eval(), dummies[name], paths[name], opset=20)
     return model, paths
+
+
+@pytest.fixture(scope="module")
+def fp8_export(tmp_path_factory):
+    """Exported from an FP32 model (the CPU path)."""
+    return quantize_and_export(tmp_path_factory.mktemp("fp8"), PipelineConfig().model)
+
+
+@pytest.fixture(scope="module")
+def fp8_export_from_fp16(tmp_path_factory):
+    """Exported from an FP16 model (the GPU path; FP16 runs on the CPU too, slowly, which is fine at this size)."""
+    return quantize_and_export(tmp_path_factory.mktemp("fp8-fp16"), PipelineConfig().model.model_copy(update={"dtype": "float16"}))
 
 
 def test_raw_export_is_rejected_by_the_strongly_typed_parser(fp8_export):
@@ -101,3 +113,70 @@ def test_standardize_qdq_leaves_no_trt_domain(fp8_export):
     assert standardize_qdq(model) > 0
     assert not any(n.domain == "trt" for n in model.graph.node)
     assert all(o.domain != "trt" for o in model.opset_import)
+
+
+def test_fp16_model_export_hides_gemms_behind_casts_and_surgery_restores_them(fp8_export_from_fp16, tmp_path):
+    """From an FP16 model, ModelOpt leaves Cast(to=FLOAT) and unfolded transposes between weight DQs and MatMuls."""
+    model, paths = fp8_export_from_fp16
+    raw = qdq_census(onnx.load(str(paths["text"])))
+    assert raw["gemms_fp8_inputs"] < raw["gemms"] == 17  # the defect this test exists for
+    repaired, report = repair_for_strong_typing(onnx.load(str(paths["text"])))
+    assert report["identity_casts_dropped"] > 0 and report["weight_transposes_folded"] > 0
+    census = qdq_census(repaired)
+    assert census["gemms_fp8_inputs"] == census["gemms"] == 17, census["gemms_not_fp8"]
+    assert not any(n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.FLOAT for n in repaired.graph.node)
+    path = tmp_path / "text.onnx"
+    onnx.save(repaired, str(path))
+    assert preflight(path, 1, 4, 8)["built"]
+    torch.manual_seed(1)
+    inputs = dummy_inputs(model, 8)["text"].numpy()
+    assert cosine(onnx_embeddings(path, inputs), torch_embeddings(model, "text", inputs)).min() >= 0.99
+
+
+def safe_softmax_graph(where_feeds: str = "MatMul") -> onnx.ModelProto:
+    """scores -> Softmax -> Where(IsNaN(p), 0, p) -> MatMul with an FP8 weight: torch 2.11's masked-SDPA shape."""
+    from onnx import TensorProto as T
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal((8, 8)).astype(np.float32)
+    scale = float(np.abs(v).max() / 448)
+    import ml_dtypes
+
+    inits = [
+        helper.make_tensor("v_fp8", T.FLOAT8E4M3FN, [8, 8], (v / scale).astype(ml_dtypes.float8_e4m3fn).tobytes(), raw=True),
+        helper.make_tensor("v_scale", T.FLOAT16, [], [scale]),
+        helper.make_tensor("v_zero", T.FLOAT8E4M3FN, [], [0.0]),
+        helper.make_tensor("zero", T.FLOAT16, [], [0.0]),
+    ]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["v_fp8", "v_scale", "v_zero"], ["v"], name="v_dq"),
+        helper.make_node("Softmax", ["scores"], ["p"], name="attn/Softmax", axis=-1),
+        helper.make_node("IsNaN", ["p"], ["nan"], name="attn/IsNaN"),
+        helper.make_node("Where", ["nan", "zero", "p"], ["p_safe"], name="attn/Where"),
+        helper.make_node("MatMul", ["p_safe", "v"], ["out"], name="attn/MatMul") if where_feeds == "MatMul"
+        else helper.make_node("Relu", ["p_safe"], ["out"], name="attn/Relu"),
+    ]
+    graph = helper.make_graph(nodes, "safe_softmax", [helper.make_tensor_value_info("scores", T.FLOAT16, ["batch", 8])],
+                              [helper.make_tensor_value_info("out", T.FLOAT16, ["batch", 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+def test_safe_softmax_gets_the_fixed_scale_qdq(tmp_path):
+    model = safe_softmax_graph()
+    onnx.checker.check_model(model)
+    assert qdq_census(model)["softmax_quantized"] == 0
+    before = tmp_path / "before.onnx"
+    onnx.save(model, str(before))
+    repaired, report = repair_for_strong_typing(copy.deepcopy(model))
+    assert report["safe_softmax_quantized"] == 1
+    census = qdq_census(repaired)
+    assert census["softmax_quantized"] == 1 and census["gemms_fp8_inputs"] == census["gemms"] == 1
+    after = tmp_path / "after.onnx"
+    onnx.save(repaired, str(after))
+    scores = np.random.default_rng(1).standard_normal((4, 8)).astype(np.float16) * 3
+    a, b = onnx_embeddings(before, scores), onnx_embeddings(after, scores)
+    assert not np.array_equal(a, b) and np.abs(a - b).max() < 0.1  # quantized, within FP8's step at [0, 1]
+    assert preflight(after, 1, 2, 4)["built"]
+    # A Where that feeds anything but a MatMul is left alone.
+    assert quantize_safe_softmax(safe_softmax_graph(where_feeds="Relu")) == 0
