@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=1000)
     parser.add_argument("--check-samples", type=int, default=4)
     parser.add_argument("--model", default="vit-l-14",
-                        help="vit-l-14 (random weights, built here) or any model.source, e.g. tiny-clip-shapes")
+                        help="vit-l-14 (random weights, built here) or any model.source, e.g. embedded:tiny-clip-shapes")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float16", "float32"])
     parser.add_argument("--dump-graphs", type=Path, default=None,
                         help="write the raw FP8 ONNX graphs here with large weights stripped (structure only, for debugging surgery)")
