@@ -3,7 +3,8 @@
 Prefect's default policy includes the flow run id, so nothing is reused across runs. ``ContentPolicy``
 keys a task on:
 - each input's content: ``ArtifactRef``s by digest (not path), pydantic sections by their settings
-  (locator fields such as a model path excluded: their content arrives as a ref);
+  (locator fields such as a model path excluded: their content arrives as a ref; execution fields such
+  as a worker count excluded: they change how fast, not what);
 - the source of the module that holds the stage's logic, plus the shared modules it builds on;
 - the versions of the libraries that shape the result (torch, transformers, ModelOpt, onnx, ...).
 Inputs of type ``ArtifactStore`` (where to write) are ignored.
@@ -52,7 +53,7 @@ def canonical(value: Any) -> Any:
     if isinstance(value, BaseModel):
         exclude = {
             name for name, f in type(value).model_fields.items()
-            if (f.json_schema_extra or {}).get("locator")  # type: ignore[union-attr]
+            if {"locator", "execution"} & set(f.json_schema_extra or {})  # type: ignore[arg-type]
         }
         return value.model_dump(mode="json", exclude=exclude)
     if isinstance(value, Path):

@@ -95,6 +95,11 @@ class ExportConfig(Section):
         0.99, description="Smallest cosine similarity allowed between ONNX Runtime FP8 and PyTorch fake-quant embeddings."
     )
     preflight: bool = Field(True, description="Parse and build every ONNX with TensorRT-RTX (strongly typed) as a pre-flight.")
+    workers: int = Field(
+        0, ge=0, le=4, json_schema_extra={"execution": True},
+        description="Processes exporting the four graphs at once (ModelOpt's export is single-threaded Python); "
+        "0 = auto: 4 for models over 50 M parameters, else 1 (process start-up outweighs a small export).",
+    )
 
 
 class BuildConfig(Section):

@@ -20,6 +20,7 @@ from prefect.runtime import flow_run
 
 from clip_fp8.artifacts import ArtifactRef, ArtifactStore, write_json_atomic, write_text_atomic
 from clip_fp8.config import PipelineConfig
+from clip_fp8.locking import LeasedFileLockManager
 from tasks import stages
 from tasks.calibration import resolve_data_source
 from tasks.engines import resolve_target
@@ -35,6 +36,9 @@ class StageRunner:
     def __init__(self, store: ArtifactStore):
         # A Path is Prefect's anonymous local result storage: cache records live beside the artifacts.
         self.storage = store.results.resolve()
+        # SERIALIZABLE + a leased lock per cache key: of two runs that need the same artifact at once,
+        # one computes it and the other waits, then reads it from the cache; a killed holder's lock expires.
+        self.lock_manager = LeasedFileLockManager(store.root.resolve() / "locks")
         self.records: dict[str, dict[str, Any]] = {name: {"status": "not run", "seconds": 0.0} for name in STAGES}
 
     def run(self, name: str, prepare=None, **inputs) -> ArtifactRef:
@@ -42,7 +46,9 @@ class StageRunner:
         try:
             if prepare is not None:  # resolving a locator belongs to the stage that consumes it
                 inputs.update(prepare())
-            task = getattr(stages, name).with_options(result_storage=self.storage)
+            task = getattr(stages, name)
+            task = task.with_options(result_storage=self.storage, cache_policy=task.cache_policy.configure(
+                lock_manager=self.lock_manager, isolation_level="SERIALIZABLE"))
             state = task(**inputs, return_state=True)
             result = state.result()  # raises the stage's exception if it failed
         except BaseException as exc:

@@ -222,7 +222,9 @@ def test_killed_run_resumes_from_the_last_completed_stage(tmp_path):
     root = tmp_path / "out"
     args = [str(BIN / "clip-fp8"), "run", "-o", str(root), "--set", "calibration.num_samples=256",
             "--set", "calibration.batch_size=128", "--set", "evaluation.num_samples=200"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # A lock the killed run held expires after one lease; keep it short so the re-run does not wait 30 s.
+    env = {**os.environ, "CLIP_FP8_LOCK_LEASE_S": "3"}
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
     deadline = time.time() + 300
     while time.time() < deadline and not list((root / "store").glob("audit/[0-9a-f]*")):
         time.sleep(0.2)
@@ -251,3 +253,20 @@ def test_prefect_yaml_deploys_with_prefect_deploy_all(server):
     assert nightly.schedules[0].schedule.cron == "0 2 * * *"
     assert nightly.parameters["config"]["calibration"]["num_samples"] == 8192
 
+
+
+def test_two_simultaneous_runs_compute_each_artifact_once(tmp_path):
+    """Same parameters, same store, started together: every stage is computed by one run, cached in the other."""
+    root = tmp_path / "shared"
+    args = [str(BIN / "clip-fp8"), "run", "-o", str(root), "--set", "calibration.num_samples=256",
+            "--set", "calibration.batch_size=128", "--set", "evaluation.num_samples=200"]
+    procs = [subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    summaries = [json.loads(p.read_text()) for p in (root / "runs").glob("*/summary.json")]
+    assert len(summaries) == 2
+    for stage in ("calibration_data", "quantize", "evaluate", "export", "surgery"):
+        statuses = sorted(s["stages"][stage]["status"] for s in summaries)
+        assert statuses == ["cached", "completed"], (stage, statuses)
+    assert not list((root / "locks").glob("*.lock"))  # every lock released

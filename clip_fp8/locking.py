@@ -1,0 +1,87 @@
+"""Cache-key locks that a dead run cannot keep: Prefect's file locks with a renewed lease.
+
+With ``isolation_level=SERIALIZABLE`` Prefect takes a lock per cache key before a task runs, so of two
+runs that need the same artifact at once one computes it and the other waits, then reads it from the
+cache. Prefect's ``FileSystemLockManager`` writes locks without an expiry unless it is given a hold
+timeout, which its transactions never pass: a run killed while holding a lock (SIGKILL, OOM, a lost
+node) leaves a lock that every later run waits on forever.
+
+``LeasedFileLockManager`` passes a short hold timeout and renews it from a background thread while the
+holder's process lives. A live holder keeps its lock however long the stage takes; a dead one stops
+renewing and the lock expires within one lease, after which Prefect's own expiry check removes it.
+Lock files live beside the result storage, so runs on several hosts sharing that directory coordinate
+through it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import Optional
+
+from prefect.locking.filesystem import FileSystemLockManager
+from prefect.types._datetime import now
+
+LEASE_ENV = "CLIP_FP8_LOCK_LEASE_S"
+DEFAULT_LEASE_S = 30.0
+
+
+class LeasedFileLockManager(FileSystemLockManager):
+    """A killed holder's lock expires after ``lease_seconds`` (env ``CLIP_FP8_LOCK_LEASE_S``, default 30)."""
+
+    def __init__(self, lock_files_directory: Path, lease_seconds: float | None = None) -> None:
+        super().__init__(lock_files_directory)
+        self.lease_seconds = float(lease_seconds or os.environ.get(LEASE_ENV) or DEFAULT_LEASE_S)
+        self._renewers: dict[str, tuple[threading.Event, threading.Thread]] = {}
+
+    def acquire_lock(self, key: str, holder: str, acquire_timeout: Optional[float] = None,
+                     hold_timeout: Optional[float] = None) -> bool:
+        acquired = super().acquire_lock(key, holder, acquire_timeout, hold_timeout or self.lease_seconds)
+        if acquired and hold_timeout is None:
+            self._start_renewing(key, holder)
+        return acquired
+
+    def release_lock(self, key: str, holder: str) -> None:
+        self._stop_renewing(key)
+        super().release_lock(key, holder)
+
+    def is_locked(self, key: str, use_cache: bool = False) -> bool:
+        try:
+            return super().is_locked(key, use_cache=use_cache)
+        except FileNotFoundError:  # another waiter removed the same expired lock first
+            self._locks.pop(key, None)
+            return False
+
+    def _start_renewing(self, key: str, holder: str) -> None:
+        self._stop_renewing(key)
+        stop = threading.Event()
+        path = self._lock_path_for_key(key)
+
+        def renew() -> None:
+            while not stop.wait(self.lease_seconds / 3):
+                try:
+                    current = json.loads(path.read_bytes())
+                except (FileNotFoundError, ValueError):
+                    return  # released, or taken over after we stalled past the lease: not ours to renew
+                if current.get("holder") != holder:
+                    return
+                expiration = now("UTC") + timedelta(seconds=self.lease_seconds)
+                tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+                tmp.write_text(json.dumps({"holder": holder, "expiration": str(expiration)}))
+                os.replace(tmp, path)  # readers see the old lease or the new one, never a torn file
+                if key in self._locks:
+                    self._locks[key]["expiration"] = expiration
+
+        thread = threading.Thread(target=renew, name=f"lock-lease-{key[:12]}", daemon=True)
+        self._renewers[key] = (stop, thread)
+        thread.start()
+
+    def _stop_renewing(self, key: str) -> None:
+        renewer = self._renewers.pop(key, None)
+        if renewer is not None:
+            renewer[0].set()
+            renewer[1].join(timeout=5)
