@@ -119,7 +119,7 @@ def main() -> None:
     meta = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(0) if cuda else "cpu",
             "torch": torch.__version__, "transformers": __import__("transformers").__version__,
             "modelopt": __import__("importlib.metadata").metadata.version("nvidia-modelopt"),
-            "onnx": __import__("onnx").__version__, "onnxruntime": __import__("onnxruntime").__version__,
+            "onnx_version": __import__("onnx").__version__, "onnxruntime": __import__("onnxruntime").__version__,
             "command": " ".join(sys.argv), "config": config.model_dump(mode="json")}
 
     if args.model == "vit-l-14":
