@@ -4,6 +4,15 @@ A stage writes into a private temporary directory and publishes it with one ``os
 ``<root>/store/<stage>/<key>``, so a killed run never leaves a half-written artifact that a later
 run trusts. A stage's output is an ``ArtifactRef``: its digest (the content hash) is what
 downstream cache keys see; its path is only where it happens to live.
+
+``output.root`` may also be an fsspec URL (``s3://bucket/prefix``; credentials and an S3-compatible
+endpoint come from the usual ``AWS_*`` environment, e.g. ``AWS_ENDPOINT_URL`` for MinIO). Then stages
+still stage and read on local disk (torch, ONNX and TensorRT need files), under a per-host cache
+(``CLIP_FP8_CACHE_DIR``, default ``~/.cache/clip-fp8``); each published artifact is uploaded to
+``<url>/store/<stage>/<key>/`` with its completion marker written last (object stores have no rename:
+a reader trusts only a marked artifact), and a worker on another host downloads what it reads.
+Prefect's result and cache records go to ``<url>/prefect-results`` through a saved ``RemoteFileSystem``
+block, so any worker sees every cache hit.
 """
 
 from __future__ import annotations
@@ -20,6 +29,51 @@ from typing import Any, Iterator
 from pydantic import BaseModel, Field
 
 CHUNK = 1 << 20
+COMPLETE = ".clip-fp8-complete.json"
+CACHE_ENV = "CLIP_FP8_CACHE_DIR"
+
+
+def is_remote(url: str) -> bool:
+    """An fsspec URL other than a plain local path or ``file://``."""
+    return "://" in url and not url.startswith("file://")
+
+
+def cache_base() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "clip-fp8").expanduser()
+
+
+def upload_dir(local: Path, uri: str) -> None:
+    """Copy ``local``'s files under ``uri``; the completion marker goes last. Same key, same bytes: re-uploads are harmless."""
+    import fsspec
+
+    fs, base = fsspec.core.url_to_fs(uri)
+    if fs.exists(f"{base}/{COMPLETE}"):
+        return  # another worker published the same content first
+    files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    for rel in files:
+        fs.put_file(str(local / rel), f"{base}/{rel}")
+    fs.pipe_file(f"{base}/{COMPLETE}", json.dumps({"files": files}).encode())
+
+
+def download_dir(uri: str, local: Path) -> Path:
+    """Materialise a completed remote artifact at ``local`` (atomically); return ``local``."""
+    import fsspec
+
+    fs, base = fsspec.core.url_to_fs(uri)
+    try:
+        files = json.loads(fs.cat_file(f"{base}/{COMPLETE}"))["files"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"artifact '{uri}' is missing or incomplete (no {COMPLETE}); re-run to rebuild it") from None
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.parent / f".tmp-{local.name[:16]}-{uuid.uuid4().hex}"
+    for rel in files:
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(f"{base}/{rel}", str(tmp / rel))
+    if local.exists():  # a concurrent reader on this host finished first
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, local)
+    return local
 
 
 def sha256_file(path: Path) -> str:
@@ -56,9 +110,21 @@ class ArtifactRef(BaseModel):
     digest: str
     files: dict[str, str] = Field(default_factory=dict, description="name -> path relative to `path`")
     meta: dict[str, Any] = Field(default_factory=dict)
+    uri: str | None = Field(None, description="Where the artifact lives when the store is remote")
+
+    def local_dir(self) -> Path:
+        """The artifact on this host's disk: where it was published, else downloaded into the cache."""
+        if self.uri is None or Path(self.path).is_dir():
+            return Path(self.path)
+        local = cache_base() / "remote" / hashlib.sha256(self.uri.encode()).hexdigest()[:32]
+        return local if local.is_dir() else download_dir(self.uri, local)
 
     def file(self, name: str) -> Path:
-        return Path(self.path) / self.files[name]
+        return self.local_dir() / self.files[name]
+
+    def location(self, name: str) -> str:
+        """Where a file is, for reports: its URL in a remote store (nothing downloaded), else its path."""
+        return f"{self.uri}/{self.files[name]}" if self.uri else str(Path(self.path) / self.files[name])
 
     def __cache_key__(self) -> str:
         return self.digest
@@ -81,10 +147,42 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 class ArtifactStore:
-    """``<root>/store/<stage>/<key>/``: one directory per stage output, published atomically."""
+    """``<root>/store/<stage>/<key>/``: one directory per stage output, published atomically.
+
+    ``root`` is a local directory or an fsspec URL; with a URL, ``self.root`` is this host's local
+    working copy and ``self.url`` the shared store.
+    """
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.url = str(root)
+        self.remote = is_remote(self.url)
+        if self.remote:
+            self.url = self.url.rstrip("/")
+            self.root = cache_base() / "stores" / hashlib.sha256(self.url.encode()).hexdigest()[:16]
+        else:
+            self.root = Path(str(root).removeprefix("file://"))
+
+    def result_storage(self):
+        """Prefect result storage: a local path, or a saved RemoteFileSystem block (Prefect requires it saved)."""
+        if not self.remote:
+            return self.results.resolve()
+        from prefect.filesystems import RemoteFileSystem
+
+        name = f"clip-fp8-results-{hashlib.sha256(self.url.encode()).hexdigest()[:12]}"
+        RemoteFileSystem(basepath=f"{self.url}/prefect-results").save(name, overwrite=True)
+        return f"remote-file-system/{name}"
+
+    def upload_run(self, run_dir: Path) -> str | None:
+        """Copy a run's report files to the shared store; return where they went."""
+        if not self.remote:
+            return None
+        uri = f"{self.url}/runs/{run_dir.name}"
+        import fsspec
+
+        fs, base = fsspec.core.url_to_fs(uri)
+        for path in sorted(p for p in run_dir.iterdir() if p.is_file()):
+            fs.put_file(str(path), f"{base}/{path.name}")
+        return uri
 
     @property
     def objects(self) -> Path:
@@ -118,4 +216,8 @@ class ArtifactStore:
     def publish(self, stage: str, key: str, files: dict[str, str], meta: dict[str, Any] | None = None) -> ArtifactRef:
         """Reference a published directory; ``files`` names its entries (files or folders) for consumers."""
         final = self.final_dir(stage, key)
-        return ArtifactRef(stage=stage, path=str(final), digest=sha256_tree(final), files=files, meta=meta or {})
+        ref = ArtifactRef(stage=stage, path=str(final), digest=sha256_tree(final), files=files, meta=meta or {})
+        if self.remote:
+            ref.uri = f"{self.url}/store/{stage}/{key}"
+            upload_dir(final, ref.uri)
+        return ref

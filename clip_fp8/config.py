@@ -124,7 +124,7 @@ class BenchmarkConfig(Section):
 
 
 class OutputConfig(Section):
-    root: str = Field("clip-fp8-output", description="Directory (or later fsspec URL) for runs and the artifact store.")
+    root: str = Field("clip-fp8-output", description="Directory, or fsspec URL (e.g. s3://bucket/prefix, credentials from the AWS_* environment), for runs, the artifact store and Prefect cache records.")
     run_name: str | None = Field(None, description="Name of this run's report folder; default: the flow run's name.")
 
 

@@ -34,8 +34,8 @@ class StageRunner:
     """Runs stage tasks against one store, recording status, seconds and cache hits for the report."""
 
     def __init__(self, store: ArtifactStore):
-        # A Path is Prefect's anonymous local result storage: cache records live beside the artifacts.
-        self.storage = store.results.resolve()
+        # Cache records live beside the artifacts: a local path, or a RemoteFileSystem block for a URL store.
+        self.storage = store.result_storage()
         # SERIALIZABLE + a leased lock per cache key: of two runs that need the same artifact at once,
         # one computes it and the other waits, then reads it from the cache; a killed holder's lock expires.
         self.lock_manager = LeasedFileLockManager(store.root.resolve() / "locks")
@@ -101,26 +101,26 @@ def clip_fp8_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
         quantized = runner.run("quantize", model_source=model_source["ref"], baseline=baseline, calibration=calibration,
                                data_source=data_source["ref"], model_cfg=config.model, calib_cfg=config.calibration,
                                cfg=config.quantization, store=store)
-        summary["artifacts"]["checkpoint"] = str(quantized.file("checkpoint"))
+        summary["artifacts"]["checkpoint"] = quantized.location("checkpoint")
         audited = runner.run("audit", quantized=quantized, cfg=config.quantization, store=store)
         summary["audit_markdown"] = audited.file("markdown").read_text()
         summary["audit"] = audited.meta
-        summary["artifacts"]["audit"] = str(audited.file("audit"))
+        summary["artifacts"]["audit"] = audited.location("audit")
         evaluated = runner.run("evaluate", model_source=model_source["ref"], quantized=quantized, audit_ref=audited,
                                model_cfg=config.model, cfg=config.evaluation, store=store)
         metrics = json.loads(evaluated.file("metrics").read_text())
         summary["metrics"] = {"baseline": metrics["baseline"], "fp8": metrics["fp8"]}
         summary["quality_gate"] = metrics["gate"]
         summary["metrics_markdown"] = evaluated.file("markdown").read_text()
-        summary["artifacts"]["metrics"] = str(evaluated.file("metrics"))
+        summary["artifacts"]["metrics"] = evaluated.location("metrics")
         exported = runner.run("export", model_source=model_source["ref"], quantized=quantized, model_cfg=config.model,
                               cfg=config.export, store=store)
-        summary["artifacts"]["raw_onnx"] = exported.path
+        summary["artifacts"]["raw_onnx"] = exported.uri or exported.path
         repaired = runner.run("surgery", model_source=model_source["ref"], quantized=quantized, exported=exported,
                               calibration=calibration, data_source=data_source["ref"], model_cfg=config.model,
                               cfg=config.export, build_cfg=config.build, store=store)
         summary["onnx"] = repaired.meta["validation"]
-        summary["artifacts"].update({f"onnx_{k}": str(repaired.file(k)) for k in repaired.files if k != "validation"})
+        summary["artifacts"].update({f"onnx_{k}": repaired.location(k) for k in repaired.files if k != "validation"})
         resolved, _ = resolve_target(config.build)
         target = resolved.key() if resolved else "none"
         engines = runner.run("build", repaired=repaired, cfg=config.build, target=target, store=store)
@@ -147,6 +147,8 @@ def clip_fp8_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
         summary["artifacts"]["summary"] = str(run_dir / "summary.json")
         write_text_atomic(run_dir / "report.md", markdown)
         write_json_atomic(run_dir / "summary.json", {k: v for k, v in summary.items() if not k.endswith(("_markdown", "_png"))})
+        if store.remote:
+            print(f"report uploaded: {store.upload_run(run_dir)}/report.md")
         create_markdown_artifact(key="clip-fp8-report", markdown=markdown, description=f"clip-fp8 run {run_dir.name}")
         print(f"report: {run_dir / 'report.md'}")
     return {k: v for k, v in summary.items() if not k.endswith(("_markdown", "_png"))}

@@ -166,7 +166,7 @@ def surgery(model_source: ArtifactRef, quantized: ArtifactRef, exported: Artifac
                  calibration=calibration, data_source=data_source, model_cfg=model_cfg, cfg=cfg, build_cfg=build_cfg)
     manifest = json.loads(calibration.file("manifest").read_text())
     with store.staging("surgery", key) as tmp:
-        results = repair_and_validate(Path(exported.path), model_source.path, str(quantized.file("checkpoint")),
+        results = repair_and_validate(exported.local_dir(), model_source.path, str(quantized.file("checkpoint")),
                                       manifest, data_source.path, model_cfg, cfg, build_cfg, tmp)
     files = {name: f"{name}.onnx" for name in results} | {"validation": "validation.json"}
     return store.publish("surgery", key, files, {"validation": results})
@@ -209,7 +209,7 @@ def benchmark(engines: ArtifactRef, cfg: BenchmarkConfig, target: str, store: Ar
     gpu = engines.meta["target"]["gpu"]
     # One benchmark per GPU type at a time (the limit `clip-fp8 deploy` creates); without it, no lock.
     with store.staging("benchmark", key) as tmp, concurrency(gpu_limit_name(gpu), occupy=1, strict=False):
-        result = benchmark_engines(Path(engines.path), engines.meta, cfg, tmp)
+        result = benchmark_engines(engines.local_dir(), engines.meta, cfg, tmp)
         (tmp / "benchmark.json").write_text(json.dumps(result, indent=1))
     if not result["rows"]:
         result["skip_reason"] = "; ".join(sorted(set(result["skipped"].values()))) or "nothing to time"
