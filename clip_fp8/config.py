@@ -26,9 +26,18 @@ class ModelConfig(Section):
         EMBEDDED_MODEL,
         json_schema_extra={"locator": True},
         description="CLIP checkpoint: a local transformers directory, a Hugging Face Hub id "
-        "(e.g. laion/CLIP-ViT-L-14-laion2B-s32B-b82K), or 'embedded:tiny-clip-shapes'.",
+        "(e.g. laion/CLIP-ViT-L-14-laion2B-s32B-b82K), 'open_clip:<model name or model-config JSON>' "
+        "(e.g. open_clip:ViT-L-14, weights from model.pretrained), or 'embedded:tiny-clip-shapes'.",
     )
     revision: str | None = Field(None, description="Hub revision (commit, tag or branch) to pin; ignored for local paths.")
+    pretrained: str | None = Field(
+        None, json_schema_extra={"locator": True},
+        description="open_clip weights: a checkpoint file (.safetensors; pickles need allow_pickle) or an open_clip "
+        "pretrained tag (e.g. laion2b_s32b_b82k, downloaded by open_clip).",
+    )
+    allow_pickle: bool = Field(
+        False, description="Accept a pickle (.pt/.bin) open_clip checkpoint; pickles can run code when loaded."
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where to run PyTorch stages; 'auto' picks CUDA when available."
     )

@@ -1,7 +1,8 @@
 """Baseline model: find a CLIP checkpoint, prove it is one, fingerprint it, load it.
 
 Sources: ``embedded:tiny-clip-shapes`` (shipped with the package), a local transformers directory,
-or a Hugging Face Hub id (optionally pinned with ``model.revision``). Safetensors only and
+a Hugging Face Hub id (optionally pinned with ``model.revision``), or an open_clip model converted to
+a transformers directory (``tasks.openclip``). Safetensors only and
 ``trust_remote_code`` off: a checkpoint is data, never code.
 """
 
@@ -37,6 +38,11 @@ def _download_from_hub(repo_id: str, revision: str | None) -> Path:
         ) from None
 
 
+def _resolved_revision(path: Path) -> str | None:
+    """The commit a Hub snapshot resolved to (``.../snapshots/<commit>``), recorded when none was pinned."""
+    return path.name if path.parent.name == "snapshots" else None
+
+
 def resolve_model_source(cfg: ModelConfig) -> ArtifactRef:
     """Locate the checkpoint and fingerprint its content; raise one clear line if it cannot be a CLIP."""
     source = cfg.source
@@ -45,6 +51,10 @@ def resolve_model_source(cfg: ModelConfig) -> ArtifactRef:
         if name not in EMBEDDED_MODELS:
             raise PipelineInputError(f"model.source '{source}': unknown embedded model (known: {', '.join(EMBEDDED_MODELS)})")
         path = EMBEDDED_MODELS[name]
+    elif source.startswith("open_clip:"):
+        from tasks.openclip import convert
+
+        path = convert(source.split(":", 1)[1], cfg.pretrained, cfg.allow_pickle)
     elif Path(source).expanduser().is_dir():
         path = Path(source).expanduser().resolve()
     elif _looks_like_hub_id(source):
@@ -74,7 +84,8 @@ def resolve_model_source(cfg: ModelConfig) -> ArtifactRef:
         path=str(path),
         digest=sha256_tree(path, files),
         files={p.name: p.name for p in files},
-        meta={"source": source, "revision": cfg.revision},
+        meta={"source": source, "revision": cfg.revision, "resolved_revision": _resolved_revision(path),
+              "pretrained": cfg.pretrained},
     )
 
 
