@@ -50,12 +50,17 @@ class CalibrationConfig(Section):
     source: str = Field(
         EMBEDDED_DATA,
         json_schema_extra={"locator": True},
-        description="Image-caption pairs: 'embedded:shapes' (generated) or 'coco:<folder>' "
-        "(a COCO folder with images and captions JSON).",
+        description="Image-caption pairs: 'embedded:shapes' (generated), 'coco:<folder>' (images + captions JSON), "
+        "'folder:<folder>' (images + captions.csv/.jsonl), 'wds:<folder of .tar shards>' (WebDataset) or "
+        "'hf:<save_to_disk folder or Hub id>' (datasets).",
     )
     captions_file: str | None = Field(
-        None, json_schema_extra={"locator": True}, description="COCO captions JSON; default: annotations/captions_*.json inside the folder."
+        None, json_schema_extra={"locator": True},
+        description="Captions file: COCO JSON (default annotations/captions_*.json) or a folder's CSV/JSONL (default captions.csv/.jsonl).",
     )
+    split: str = Field("train", description="hf: dataset split.")
+    image_column: str = Field("image", description="hf: image column.")
+    caption_column: str = Field("caption", description="hf: caption column (a string or a list of strings per row).")
     num_samples: int = Field(8192, ge=1, description="Number of calibration pairs (the reference uses 8,192).")
     batch_size: int = Field(512, ge=1, description="Calibration forward batch size (the reference uses 512).")
     seed: int = Field(0, description="Seed for the deterministic subset selection.")

@@ -58,7 +58,7 @@ echo "== resolving dependencies for CPython $PYVER on $PLATFORM"
 "$PY" - "$WORK/report.json" "$NO_TORCH" > "$WORK/pins.txt" <<'EOF'
 import json, re, sys
 report, no_torch = json.load(open(sys.argv[1])), sys.argv[2] == "1"
-host_provided = re.compile(r"^(torch|torchvision|torchaudio|triton|nvidia-.*)$")
+host_provided = re.compile(r"^(torch|torchvision|torchaudio|triton|nvidia-(cu|nccl|nvjitlink|nvtx|nvshmem).*)$")  # not nvidia-modelopt
 for item in report["install"]:
     meta = item["metadata"]
     name = meta["name"].lower().replace("_", "-")

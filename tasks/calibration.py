@@ -5,9 +5,16 @@ preprocessed tensors: 8,192 ViT-L/14 inputs are 2.4 GB in FP16, while the manife
 KB and pins the content just as well. Preprocessing runs inside quantization with the model's own
 processor, batch by batch.
 
-Sources:
+Sources (``calibration.source``):
 - ``embedded:shapes``: generated on the fly (``clip_fp8.synthetic``); the generator is the data.
 - ``coco:<folder>``: a COCO 2014/2017 folder, images plus ``annotations/captions_*.json``.
+- ``folder:<folder>``: images plus ``captions.csv`` or ``captions.jsonl`` (columns ``image``, ``caption``).
+- ``wds:<folder or .tar>``: WebDataset shards; a sample is the files sharing a key, an image
+  (.jpg/.png/.webp) and a caption (.txt, or .json with "caption"/"text").
+- ``hf:<dataset>``: a ``datasets`` dataset: a directory written by ``save_to_disk`` or a Hub id;
+  ``calibration.split``, ``image_column`` and ``caption_column`` pick the data.
+Every image the manifest names carries its content digest; a source's own digest covers its content,
+never its path.
 """
 
 from __future__ import annotations
@@ -49,9 +56,84 @@ def resolve_data_source(cfg: CalibrationConfig) -> ArtifactRef:
             files={"captions": str(captions.resolve().relative_to(folder.resolve()))},
             meta={"kind": "coco", "source": cfg.source, "images": len(images)},
         )
+    if kind == "folder":
+        folder = _existing_folder(location, cfg.source)
+        captions = _find_captions_table(folder, cfg.captions_file, cfg.source)
+        images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        listing = [(p.relative_to(folder).as_posix(), sha256_file(p)) for p in images]
+        return ArtifactRef(stage="data_source", path=str(folder.resolve()),
+                           digest=sha256_json({"captions": sha256_file(captions), "images": listing}),
+                           files={"captions": str(captions.resolve().relative_to(folder.resolve()))},
+                           meta={"kind": "folder", "source": cfg.source, "images": len(images)})
+    if kind == "wds":
+        path = Path(location).expanduser()
+        shards = sorted(path.glob("*.tar")) if path.is_dir() else [path] if path.is_file() else []
+        if not shards:
+            raise PipelineInputError(f"calibration.source '{cfg.source}': no WebDataset shards (*.tar) at '{path}'")
+        root = path if path.is_dir() else path.parent
+        return ArtifactRef(stage="data_source", path=str(root.resolve()),
+                           digest=sha256_json({s.name: sha256_file(s) for s in shards}),
+                           files={s.name: s.name for s in shards},
+                           meta={"kind": "wds", "source": cfg.source, "shards": len(shards)})
+    if kind == "hf":
+        dataset = _load_hf_dataset(location, cfg)
+        # datasets' own fingerprint: a hash of the data and every transform applied to it, not of where it is.
+        return ArtifactRef(stage="data_source", path=str(Path(location).expanduser().resolve()) if Path(location).expanduser().is_dir() else location,
+                           digest=sha256_json({"fingerprint": dataset._fingerprint, "split": cfg.split,
+                                               "columns": [cfg.image_column, cfg.caption_column]}),
+                           meta={"kind": "hf", "source": cfg.source, "rows": len(dataset)})
     raise PipelineInputError(
-        f"calibration.source '{cfg.source}' is not a known source; use 'embedded:shapes' or 'coco:<folder>'"
+        f"calibration.source '{cfg.source}' is not a known source; use 'embedded:shapes', 'coco:<folder>', "
+        "'folder:<folder>', 'wds:<shards>' or 'hf:<dataset>'"
     )
+
+
+def _existing_folder(location: str, source: str) -> Path:
+    folder = Path(location).expanduser()
+    if not folder.is_dir():
+        raise PipelineInputError(f"calibration.source '{source}': folder '{folder}' does not exist")
+    return folder
+
+
+def _find_captions_table(folder: Path, captions_file: str | None, source: str) -> Path:
+    if captions_file:
+        path = Path(captions_file).expanduser()
+        path = path if path.is_absolute() else folder / path
+        if not path.is_file():
+            raise PipelineInputError(f"calibration.captions_file '{captions_file}' does not exist")
+        return path
+    for name in ("captions.csv", "captions.jsonl"):
+        if (folder / name).is_file():
+            return folder / name
+    raise PipelineInputError(
+        f"calibration.source '{source}': no captions.csv or captions.jsonl in '{folder}' (columns image, caption); "
+        "set calibration.captions_file"
+    )
+
+
+def _load_hf_dataset(location: str, cfg: CalibrationConfig):
+    import datasets
+
+    path = Path(location).expanduser()
+    try:
+        if path.is_dir():
+            loaded = datasets.load_from_disk(str(path))
+            dataset = loaded[cfg.split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        else:
+            dataset = datasets.load_dataset(location, split=cfg.split)
+    except KeyError:
+        raise PipelineInputError(f"calibration.split '{cfg.split}' is not in dataset '{location}' "
+                                 f"(splits: {', '.join(loaded)})") from None
+    except Exception as exc:
+        raise PipelineInputError(
+            f"calibration.source 'hf:{location}' could not be loaded ({type(exc).__name__}: {str(exc)[:120]}); offline, "
+            f"run `datasets.load_dataset('{location}').save_to_disk(DIR)` on a connected machine and pass hf:DIR"
+        ) from None
+    for field, column in (("image_column", cfg.image_column), ("caption_column", cfg.caption_column)):
+        if column not in dataset.column_names:
+            raise PipelineInputError(f"calibration.{field} '{column}' is not a column of '{location}' "
+                                     f"(columns: {', '.join(dataset.column_names)})")
+    return dataset
 
 
 def _find_captions_file(folder: Path, captions_file: str | None, source: str) -> Path:
@@ -100,6 +182,94 @@ def _coco_pairs(source: ArtifactRef) -> list[tuple[str, str]]:
     return pairs
 
 
+def _folder_pairs(source: ArtifactRef) -> list[tuple[str, str]]:
+    import csv
+
+    folder = Path(source.path)
+    table = folder / source.files["captions"]
+    try:
+        if table.suffix == ".csv":
+            rows = list(csv.DictReader(table.open(newline="")))
+        else:
+            rows = [json.loads(line) for line in table.read_text().splitlines() if line.strip()]
+        return [(str(r["image"]), str(r["caption"]).strip()) for r in rows]
+    except (KeyError, json.JSONDecodeError, csv.Error) as exc:
+        raise PipelineInputError(
+            f"captions file '{table}' needs columns 'image' and 'caption' ({type(exc).__name__}: {exc})") from None
+
+
+def _wds_samples(source: ArtifactRef) -> dict[str, dict[str, str]]:
+    """``shard#key`` -> {'image': member name, 'caption': text} for every complete sample."""
+    import tarfile
+
+    samples: dict[str, dict[str, str]] = {}
+    for shard in sorted(source.files):
+        with tarfile.open(Path(source.path) / shard) as tar:
+            for member in tar.getmembers():
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.partition(".")
+                entry = samples.setdefault(f"{shard}#{key}", {})
+                if f".{ext.lower()}" in IMAGE_SUFFIXES:
+                    entry["image"] = member.name
+                elif ext in ("txt", "json"):
+                    raw = tar.extractfile(member).read().decode("utf-8")
+                    entry["caption"] = raw.strip() if ext == "txt" else _json_caption(raw)
+    return {k: v for k, v in samples.items() if v.get("image") and v.get("caption")}
+
+
+def _json_caption(raw: str) -> str:
+    data = json.loads(raw)
+    return str(data.get("caption") or data.get("text") or "").strip()
+
+
+def _source_pairs(source: ArtifactRef, cfg: CalibrationConfig) -> list[tuple[str, str]]:
+    kind = source.meta["kind"]
+    if kind == "coco":
+        return _coco_pairs(source)
+    if kind == "folder":
+        return _folder_pairs(source)
+    if kind == "wds":
+        return [(f"{k.split('#')[0]}#{v['image']}", v["caption"]) for k, v in _wds_samples(source).items()]
+    dataset = _load_hf_dataset(source.path, cfg)
+    captions = dataset[cfg.caption_column]
+    # A caption column may hold several captions per image (COCO-style lists): each is a pair.
+    return [(str(i), str(c).strip()) for i, cs in enumerate(captions) for c in (cs if isinstance(cs, list) else [cs])]
+
+
+def image_bytes(source_kind: str, root: str, locator: str, cfg: CalibrationConfig | None = None, cache: dict | None = None) -> bytes:
+    """The encoded image a manifest entry names, from whichever container holds it."""
+    if source_kind == "wds":
+        import tarfile
+
+        shard, member = locator.split("#", 1)
+        cache = cache if cache is not None else {}
+        tar = cache.get(shard) or cache.setdefault(shard, tarfile.open(Path(root) / shard))
+        return tar.extractfile(member).read()
+    if source_kind == "hf":
+        import datasets
+
+        key = ("hf", root)
+        if cache is None or key not in cache:
+            dataset = _load_hf_dataset(root, cfg).cast_column(cfg.image_column, datasets.Image(decode=False))
+            if cache is not None:
+                cache[key] = dataset
+        else:
+            dataset = cache[key]
+        cell = dataset[int(locator)][cfg.image_column]
+        return cell["bytes"] if cell.get("bytes") else Path(cell["path"]).read_bytes()
+    return (Path(root) / locator).read_bytes()
+
+
+def open_image(data: bytes):
+    import io
+
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data))
+    return image.convert("RGB")
+
+
 def select_calibration_pairs(source: ArtifactRef, cfg: CalibrationConfig) -> dict:
     """The manifest: ``cfg.num_samples`` pairs chosen by ``cfg.seed``, one caption per image."""
     from PIL import Image
@@ -112,7 +282,7 @@ def select_calibration_pairs(source: ArtifactRef, cfg: CalibrationConfig) -> dic
         }
 
     by_image: dict[str, list[str]] = {}
-    for image, caption in _coco_pairs(source):
+    for image, caption in _source_pairs(source, cfg):
         by_image.setdefault(image, []).append(caption)
     images = sorted(by_image)
     if cfg.num_samples > len(images):
@@ -120,20 +290,20 @@ def select_calibration_pairs(source: ArtifactRef, cfg: CalibrationConfig) -> dic
             f"calibration.num_samples={cfg.num_samples} exceeds the {len(images)} captioned images in "
             f"'{source.meta['source']}'; lower calibration.num_samples or add data"
         )
-    folder = Path(source.path)
+    kind, cache = source.meta["kind"], {}
     pairs, skipped = [], []
     for i in rng.permutation(len(images)):
         if len(pairs) == cfg.num_samples:
             break
         rel = images[i]
         try:
-            with Image.open(folder / rel) as img:
-                img.convert("RGB").load()
+            data = image_bytes(kind, source.path, rel, cfg, cache)
+            open_image(data).load()
         except Exception:
             skipped.append(rel)
             continue
         captions = by_image[rel]
-        pairs.append({"image": rel, "sha256": sha256_file(folder / rel), "caption": captions[rng.integers(len(captions))]})
+        pairs.append({"image": rel, "sha256": hashlib.sha256(data).hexdigest(), "caption": captions[rng.integers(len(captions))]})
     bad_fraction = len(skipped) / max(1, len(pairs) + len(skipped))
     if bad_fraction > cfg.max_bad_fraction or len(pairs) < cfg.num_samples:
         raise PipelineInputError(
@@ -141,8 +311,11 @@ def select_calibration_pairs(source: ArtifactRef, cfg: CalibrationConfig) -> dic
             f"(e.g. '{skipped[0] if skipped else '-'}'), {len(pairs)} usable of {cfg.num_samples} wanted; "
             f"fix the images or raise calibration.max_bad_fraction ({cfg.max_bad_fraction})"
         )
-    return {"kind": "coco", "seed": cfg.seed, "source_digest": source.digest, "skipped": len(skipped),
-            "skipped_examples": skipped[:20], "pairs": pairs}
+    manifest = {"kind": kind, "seed": cfg.seed, "source_digest": source.digest, "skipped": len(skipped),
+                "skipped_examples": skipped[:20], "pairs": pairs}
+    if kind == "hf":  # the loader needs these to find the rows again
+        manifest["hf"] = {"split": cfg.split, "image_column": cfg.image_column, "caption_column": cfg.caption_column}
+    return manifest
 
 
 def manifest_digest(manifest: dict) -> str:
@@ -155,12 +328,14 @@ def iter_calibration_batches(manifest: dict, root: str, processor, batch_size: i
 
     pairs = manifest["pairs"]
     context = processor.tokenizer.model_max_length
+    cache: dict = {}
+    hf_cfg = CalibrationConfig(source="hf:", **manifest["hf"]) if manifest["kind"] == "hf" else None
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         if manifest["kind"] == "embedded":
             images = [synthetic.make_sample(manifest["seed"], p["index"]).image for p in chunk]
         else:
-            images = [Image.open(Path(root) / p["image"]).convert("RGB") for p in chunk]
+            images = [open_image(image_bytes(manifest["kind"], root, p["image"], hf_cfg, cache)) for p in chunk]
         batch = processor(images=images, text=[p["caption"] for p in chunk], padding="max_length",
                           truncation=True, max_length=context, return_tensors="pt")
         yield {"pixel_values": batch["pixel_values"], "input_ids": batch["input_ids"]}
