@@ -87,7 +87,20 @@ class EvaluationConfig(Section):
         default=["zeroshot_classification", "zeroshot_retrieval"],
         description="CLIP_benchmark tasks to run on baseline and fake-quantized FP8 models.",
     )
-    dataset: str = Field(EMBEDDED_DATA, json_schema_extra={"locator": True}, description="Evaluation data: 'embedded:shapes'.")
+    dataset: str = Field(
+        EMBEDDED_DATA,
+        description="Evaluation data: 'embedded:shapes', or a CLIP_benchmark dataset read from evaluation.root: "
+        "'cifar100', 'imagenet1k', 'mscoco_captions' or 'wds/<name>' (any other CLIP_benchmark name works the same way).",
+    )
+    root: str | None = Field(
+        None, json_schema_extra={"locator": True},
+        description="Local root of a CLIP_benchmark dataset, in CLIP_benchmark's layout (nothing is downloaded).",
+    )
+    split: str = Field("test", description="CLIP_benchmark split ('test'; mscoco_captions reads val2014 for it).")
+    annotation_file: str | None = Field(
+        None, json_schema_extra={"locator": True},
+        description="mscoco_captions: captions JSON in COCO format (default <root>/coco_<split>_karpathy.json).",
+    )
     num_samples: int = Field(1000, ge=1, description="Images per task (a limit for quick runs).")
     batch_size: int = Field(256, ge=1, description="Evaluation batch size.")
     seed: int = Field(1, description="Seed of the evaluation split (distinct from calibration).")

@@ -24,6 +24,7 @@ from clip_fp8.locking import LeasedFileLockManager
 from tasks import stages
 from tasks.calibration import resolve_data_source
 from tasks.engines import resolve_target
+from tasks.evaluate import resolve_eval_source
 from tasks.model import resolve_model_source
 from tasks.report import plot_benchmark, render_markdown
 
@@ -106,7 +107,8 @@ def clip_fp8_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
         summary["audit_markdown"] = audited.file("markdown").read_text()
         summary["audit"] = audited.meta
         summary["artifacts"]["audit"] = audited.location("audit")
-        evaluated = runner.run("evaluate", model_source=model_source["ref"], quantized=quantized, audit_ref=audited,
+        evaluated = runner.run("evaluate", lambda: {"eval_source": resolve_eval_source(config.evaluation)},
+                               model_source=model_source["ref"], quantized=quantized, audit_ref=audited,
                                model_cfg=config.model, cfg=config.evaluation, store=store)
         metrics = json.loads(evaluated.file("metrics").read_text())
         summary["metrics"] = {"baseline": metrics["baseline"], "fp8": metrics["fp8"]}

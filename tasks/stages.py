@@ -121,14 +121,14 @@ def audit(quantized: ArtifactRef, cfg: QuantizationConfig, store: ArtifactStore)
 
 
 @stage("evaluate", retries=1)
-def evaluate(model_source: ArtifactRef, quantized: ArtifactRef, audit_ref: ArtifactRef, model_cfg: ModelConfig,
-             cfg: EvaluationConfig, store: ArtifactStore) -> ArtifactRef:
+def evaluate(model_source: ArtifactRef, quantized: ArtifactRef, audit_ref: ArtifactRef, eval_source: ArtifactRef,
+             model_cfg: ModelConfig, cfg: EvaluationConfig, store: ArtifactStore) -> ArtifactRef:
     from tasks.evaluate import evaluate_model, metrics_markdown, quality_gate
     from tasks.model import load_clip, load_processor, pick_device
     from tasks.quantize import load_quantized
 
     key = key_of("evaluate", model_source=model_source, quantized=quantized, audit_ref=audit_ref,
-                 model_cfg=model_cfg, cfg=cfg)
+                 eval_source=eval_source, model_cfg=model_cfg, cfg=cfg)
     processor, device = load_processor(model_source.path), pick_device(model_cfg)
     baseline_metrics = evaluate_model(load_clip(model_source.path, model_cfg), processor, cfg, device)
     fp8_metrics = evaluate_model(load_quantized(quantized.file("checkpoint"), model_cfg), processor, cfg, device)
