@@ -136,3 +136,23 @@ def test_a_transient_failure_is_retried_by_prefect(tmp_path):
         return flaky.with_options(retry_delay_seconds=0, cache_policy=NO_CACHE, persist_result=False)(str(tmp_path))
 
     assert run() == 2
+
+
+def test_model_revision_keys_the_cache_and_an_offline_hub_id_says_what_to_do(tmp_path):
+    import shutil
+
+    from clip_fp8.caching import canonical
+    from clip_fp8.config import ModelConfig
+    from tasks.model import EMBEDDED_MODELS, resolve_model_source
+
+    pinned = ModelConfig(source="laion/CLIP-ViT-L-14-laion2B-s32B-b82K", revision="1a2b3c")
+    assert canonical(pinned) != canonical(pinned.model_copy(update={"revision": "4d5e6f"}))
+    assert canonical(pinned) == canonical(pinned.model_copy(update={"source": "/elsewhere/same-model"}))
+    with pytest.raises(PipelineInputError, match="huggingface-cli download laion/CLIP-ViT-L-14-laion2B-s32B-b82K"):
+        resolve_model_source(pinned)
+    # An unpinned Hub download lands in .../snapshots/<commit>: the commit it resolved is recorded.
+    snapshot = tmp_path / "models--laion--clip" / "snapshots" / "0123456789abcdef"
+    shutil.copytree(EMBEDDED_MODELS["tiny-clip-shapes"], snapshot)
+    ref = resolve_model_source(ModelConfig(source=str(snapshot)))
+    assert ref.meta["resolved_revision"] == "0123456789abcdef"
+    assert ref.digest == resolve_model_source(ModelConfig()).digest  # same files, other path: same content key
