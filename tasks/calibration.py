@@ -42,9 +42,7 @@ def resolve_data_source(cfg: CalibrationConfig) -> ArtifactRef:
         digest = hashlib.sha256(inspect.getsource(synthetic).encode()).hexdigest()
         return ArtifactRef(stage="data_source", path="", digest=digest, meta={"kind": "embedded", "source": cfg.source})
     if kind == "coco":
-        folder = Path(location).expanduser()
-        if not folder.is_dir():
-            raise PipelineInputError(f"calibration.source '{cfg.source}': folder '{folder}' does not exist")
+        folder = _existing_folder(location, cfg.source)
         captions = _find_captions_file(folder, cfg.captions_file, cfg.source)
         images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not images:
@@ -95,13 +93,20 @@ def _existing_folder(location: str, source: str) -> Path:
     return folder
 
 
+def _explicit_captions_file(folder: Path, captions_file: str | None) -> Path | None:
+    """``calibration.captions_file``, absolute or relative to the source folder; None when not set."""
+    if not captions_file:
+        return None
+    path = Path(captions_file).expanduser()
+    path = path if path.is_absolute() else folder / path
+    if not path.is_file():
+        raise PipelineInputError(f"calibration.captions_file '{captions_file}' does not exist")
+    return path
+
+
 def _find_captions_table(folder: Path, captions_file: str | None, source: str) -> Path:
-    if captions_file:
-        path = Path(captions_file).expanduser()
-        path = path if path.is_absolute() else folder / path
-        if not path.is_file():
-            raise PipelineInputError(f"calibration.captions_file '{captions_file}' does not exist")
-        return path
+    if (explicit := _explicit_captions_file(folder, captions_file)) is not None:
+        return explicit
     for name in ("captions.csv", "captions.jsonl"):
         if (folder / name).is_file():
             return folder / name
@@ -137,12 +142,8 @@ def _load_hf_dataset(location: str, cfg: CalibrationConfig):
 
 
 def _find_captions_file(folder: Path, captions_file: str | None, source: str) -> Path:
-    if captions_file:
-        path = Path(captions_file).expanduser()
-        path = path if path.is_absolute() else folder / path
-        if not path.is_file():
-            raise PipelineInputError(f"calibration.captions_file '{captions_file}' does not exist")
-        return path
+    if (explicit := _explicit_captions_file(folder, captions_file)) is not None:
+        return explicit
     found = sorted(folder.glob("annotations/captions_*.json")) + sorted(folder.glob("captions*.json"))
     if not found:
         raise PipelineInputError(

@@ -21,17 +21,9 @@ ENCODERS = ("text", "image")
 
 
 def rename_output(model: onnx.ModelProto, new_name: str) -> None:
-    old = model.graph.output[0].name
-    if old == new_name:
-        return
-    for node in model.graph.node:
-        for i, name in enumerate(node.output):
-            if name == old:
-                node.output[i] = new_name
-        for i, name in enumerate(node.input):
-            if name == old:
-                node.input[i] = new_name
-    model.graph.output[0].name = new_name
+    from tasks.surgery import rename_tensor
+
+    rename_tensor(model, model.graph.output[0].name, new_name)
 
 
 def export_encoder(encoder, dummy, path: Path, opset: int) -> int:

@@ -123,23 +123,26 @@ def standardize_qdq(model: onnx.ModelProto) -> int:
     return changed
 
 
+def rename_tensor(model: onnx.ModelProto, old: str, new: str) -> None:
+    """Rename a tensor everywhere it is produced or consumed, and among the graph outputs."""
+    for node in model.graph.node:
+        for names in (node.input, node.output):
+            for i, name in enumerate(names):
+                if name == old:
+                    names[i] = new
+    for out in model.graph.output:
+        if out.name == old:
+            out.name = new
+
+
 def _bypass(model: onnx.ModelProto, node: onnx.NodeProto, replacement: str) -> None:
     """Remove ``node`` (single output) and point its consumers, or the graph output, at ``replacement``."""
     old = node.output[0]
-    for other in model.graph.node:
-        for i, name in enumerate(other.input):
-            if name == old:
-                other.input[i] = replacement
-    for out in model.graph.output:
-        if out.name == old:  # keep the graph's output name: rename the producer's output instead
-            for other in model.graph.node:
-                for i, name in enumerate(other.output):
-                    if name == replacement:
-                        other.output[i] = old
-                for i, name in enumerate(other.input):
-                    if name == replacement:
-                        other.input[i] = old
     model.graph.node.remove(node)
+    if any(out.name == old for out in model.graph.output):
+        rename_tensor(model, replacement, old)  # keep the graph's output name: the producer takes it over
+    else:
+        rename_tensor(model, old, replacement)
 
 
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
