@@ -9,6 +9,8 @@ raw exports; ``surgery`` makes them buildable. The graph output ``out`` is renam
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import onnx
@@ -78,8 +80,29 @@ def _export_one(variant: str, encoder_name: str, baseline_path: str, checkpoint:
     return name, export_encoder(wrapper.eval(), dummies[encoder_name], out_dir / name, cfg.opset)
 
 
-def export_workers(cfg: ExportConfig, parameters: int) -> int:
-    return cfg.workers or (4 if parameters > 50_000_000 else 1)
+# Peak host memory of one export process, in multiples of the model's FP32 weights (the model, the
+# traced graph, ModelOpt's intermediate ONNX copies). Four ViT-L/14 exports at once were OOM-killed on
+# a 24 GB host; a 128 GB host ran them.
+EXPORT_RSS_PER_FP32_WEIGHT = 6
+
+
+def available_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def export_workers(cfg: ExportConfig, parameters: int, memory: int | None = None, cpus: int | None = None) -> int:
+    """``export.workers``, or for 0: 4 for models over 50 M parameters, as many as CPUs and memory allow."""
+    if cfg.workers:
+        return cfg.workers
+    if parameters <= 50_000_000:
+        return 1
+    memory = available_memory_bytes() if memory is None else memory
+    cpus = (os.cpu_count() or 1) if cpus is None else cpus
+    by_memory = memory // (EXPORT_RSS_PER_FP32_WEIGHT * 4 * parameters)
+    return int(max(1, min(4, cpus, by_memory)))
 
 
 def export_all(baseline_path: str, checkpoint: str, model_cfg: ModelConfig, cfg: ExportConfig, out_dir: Path) -> dict[str, int]:
@@ -99,22 +122,32 @@ def export_all(baseline_path: str, checkpoint: str, model_cfg: ModelConfig, cfg:
                      for c in (config.get("text_config", {}), config.get("vision_config", {})))
     workers = export_workers(cfg, parameters)
     jobs = [(variant, encoder) for variant in VARIANTS for encoder in ENCODERS]
-    if workers == 1:
-        sizes: dict[str, int] = {}
-        for variant in VARIANTS:
-            model = _load(variant, baseline_path, checkpoint, model_cfg)
-            torch.manual_seed(0)
-            dummies = dummy_inputs(model, cfg.export_batch_size)
-            for encoder_name, wrapper in (("text", TextEncoder(model)), ("image", ImageEncoder(model))):
-                name = f"{variant}_{encoder_name}.onnx"
-                sizes[name] = export_encoder(wrapper.eval(), dummies[encoder_name], out_dir / name, cfg.opset)
-            del model
-        return sizes
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
 
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+        # Spawn, not fork: a forked CUDA context is unusable, and ModelOpt's registries are per process.
+        try:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = [pool.submit(_export_one, v, e, baseline_path, checkpoint, model_cfg, cfg, out_dir) for v, e in jobs]
+                return dict(f.result() for f in futures)
+        except BrokenProcessPool:
+            # A worker was killed, most likely for memory: fall back to one export at a time, and say so.
+            print(f"export: a worker of {workers} died (out of memory?); exporting the graphs one at a time")
+            for leftover in out_dir.iterdir():
+                if leftover.is_dir():
+                    shutil.rmtree(leftover)
+                else:
+                    leftover.unlink()
+    sizes: dict[str, int] = {}
+    for variant in VARIANTS:
+        model = _load(variant, baseline_path, checkpoint, model_cfg)
+        torch.manual_seed(0)
+        dummies = dummy_inputs(model, cfg.export_batch_size)
+        for encoder_name, wrapper in (("text", TextEncoder(model)), ("image", ImageEncoder(model))):
+            name = f"{variant}_{encoder_name}.onnx"
+            sizes[name] = export_encoder(wrapper.eval(), dummies[encoder_name], out_dir / name, cfg.opset)
+        del model
+    return sizes
 
-    # Spawn, not fork: a forked CUDA context is unusable, and ModelOpt's registries are per process.
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_export_one, v, e, baseline_path, checkpoint, model_cfg, cfg, out_dir) for v, e in jobs]
-        return dict(f.result() for f in futures)

@@ -40,8 +40,11 @@ def test_parallel_export_writes_the_same_graphs_as_serial(quantized_checkpoint, 
 
 def test_export_workers_auto():
     export = PipelineConfig().export
+    vit_l = 428_000_000
     assert export_workers(export, parameters=650_000) == 1
-    assert export_workers(export, parameters=300_000_000) == 4
+    assert export_workers(export, parameters=vit_l, memory=128 * 2**30, cpus=16) == 4  # the H100 host
+    assert export_workers(export, parameters=vit_l, memory=21 * 2**30, cpus=2) == 2  # 4 were OOM-killed on 24 GB
+    assert export_workers(export, parameters=vit_l, memory=8 * 2**30, cpus=16) == 1
     assert export_workers(export.model_copy(update={"workers": 2}), parameters=650_000) == 2
 
 
