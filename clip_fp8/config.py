@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 EMBEDDED_MODEL = "embedded:tiny-clip-shapes"
 EMBEDDED_DATA = "embedded:shapes"
@@ -26,8 +26,8 @@ class ModelConfig(Section):
         EMBEDDED_MODEL,
         json_schema_extra={"locator": True},
         description="CLIP checkpoint: a local transformers directory, a Hugging Face Hub id "
-        "(e.g. laion/CLIP-ViT-L-14-laion2B-s32B-b82K), 'open_clip:<model name or model-config JSON>' "
-        "(e.g. open_clip:ViT-L-14, weights from model.pretrained), or 'embedded:tiny-clip-shapes'.",
+        "(e.g. laion/CLIP-ViT-L-14-laion2B-s32B-b82K), `open_clip:<model name or model-config JSON>` "
+        "(e.g. `open_clip:ViT-L-14`, weights from model.pretrained), or 'embedded:tiny-clip-shapes'.",
     )
     revision: str | None = Field(None, description="Hub revision (commit, tag or branch) to pin; ignored for local paths.")
     pretrained: str | None = Field(
@@ -50,13 +50,13 @@ class CalibrationConfig(Section):
     source: str = Field(
         EMBEDDED_DATA,
         json_schema_extra={"locator": True},
-        description="Image-caption pairs: 'embedded:shapes' (generated), 'coco:<folder>' (images + captions JSON), "
-        "'folder:<folder>' (images + captions.csv/.jsonl), 'wds:<folder of .tar shards>' (WebDataset) or "
-        "'hf:<save_to_disk folder or Hub id>' (datasets).",
+        description="Image-caption pairs: 'embedded:shapes' (generated), `coco:<folder>` (images + captions JSON), "
+        "`folder:<folder>` (images + captions.csv/.jsonl), `wds:<folder of .tar shards>` (WebDataset) or "
+        "`hf:<save_to_disk folder or Hub id>` (datasets).",
     )
     captions_file: str | None = Field(
         None, json_schema_extra={"locator": True},
-        description="Captions file: COCO JSON (default annotations/captions_*.json) or a folder's CSV/JSONL (default captions.csv/.jsonl).",
+        description="Captions file: COCO JSON (default `annotations/captions_*.json`) or a folder's CSV/JSONL (default captions.csv/.jsonl).",
     )
     split: str = Field("train", description="hf: dataset split.")
     image_column: str = Field("image", description="hf: image column.")
@@ -82,36 +82,57 @@ class QuantizationConfig(Section):
     )
 
 
-class EvaluationConfig(Section):
-    tasks: list[Literal["zeroshot_classification", "zeroshot_retrieval"]] = Field(
-        default=["zeroshot_classification", "zeroshot_retrieval"],
-        description="CLIP_benchmark tasks to run on baseline and fake-quantized FP8 models.",
-    )
-    dataset: str = Field(
+class EvalDataset(Section):
+    name: str = Field(
         EMBEDDED_DATA,
-        description="Evaluation data: 'embedded:shapes', or a CLIP_benchmark dataset read from evaluation.root: "
-        "'cifar100', 'imagenet1k', 'mscoco_captions' or 'wds/<name>' (any other CLIP_benchmark name works the same way).",
+        description="'embedded:shapes', or a CLIP_benchmark dataset read from root: 'cifar100', 'imagenet1k', "
+        "'mscoco_captions' or `wds/<name>` (any other CLIP_benchmark name works the same way).",
     )
     root: str | None = Field(
         None, json_schema_extra={"locator": True},
-        description="Local root of a CLIP_benchmark dataset, in CLIP_benchmark's layout (nothing is downloaded).",
+        description="Local root of the dataset, in CLIP_benchmark's layout (nothing is downloaded).",
     )
     split: str = Field("test", description="CLIP_benchmark split ('test'; mscoco_captions reads val2014 for it).")
     annotation_file: str | None = Field(
         None, json_schema_extra={"locator": True},
-        description="mscoco_captions: captions JSON in COCO format (default <root>/coco_<split>_karpathy.json).",
+        description="mscoco_captions: captions JSON in COCO format (default `<root>/coco_<split>_karpathy.json`).",
     )
-    num_samples: int = Field(1000, ge=1, description="Images per task (a limit for quick runs).")
+
+
+class EvaluationConfig(Section):
+    datasets: list[EvalDataset] = Field(
+        default=[EvalDataset()], min_length=1,
+        description="Datasets to evaluate on, each with its own task (the recipe: cifar100, imagenet1k and "
+        "mscoco_captions); metrics are named `<dataset>/<task>/<metric>`.",
+    )
+    tasks: list[Literal["zeroshot_classification", "zeroshot_retrieval"]] = Field(
+        default=["zeroshot_classification", "zeroshot_retrieval"],
+        description="CLIP_benchmark tasks to run on baseline and fake-quantized FP8 models (embedded:shapes runs "
+        "both; every other dataset's task must be listed).",
+    )
+
+    num_samples: int = Field(1000, ge=1, description="Images per dataset and task (a seeded subset; a limit for quick runs).")
     batch_size: int = Field(256, ge=1, description="Evaluation batch size.")
     seed: int = Field(1, description="Seed of the evaluation split (distinct from calibration).")
     recall_k: list[int] = Field(default=[1, 5], description="Retrieval recall@k values.")
     max_drop: dict[str, float] = Field(
         default={"*": 0.02},
-        description="Quality gate: largest allowed drop (baseline - FP8, absolute) per metric; '*' is the default.",
+        description="Quality gate: largest allowed drop (baseline - FP8, absolute) per metric, by wildcard over "
+        "`<dataset>/<task>/<metric>` names (e.g. `imagenet1k/*`); the most specific pattern wins, `*` is the default.",
     )
     on_gate_failure: Literal["fail", "mark"] = Field(
         "fail", description="'fail' stops the flow; 'mark' completes it but marks the result not promotable."
     )
+
+    @field_validator("datasets")
+    @classmethod
+    def _names_are_unique(cls, datasets: list[EvalDataset]) -> list[EvalDataset]:
+        # Metrics are keyed by dataset name: two entries of one name would overwrite each other's.
+        names = [d.name for d in datasets]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"evaluation.datasets names {', '.join(repr(n) for n in twice)} more than once")
+        return datasets
 
 
 class ExportConfig(Section):
@@ -151,7 +172,7 @@ class BenchmarkConfig(Section):
 
 
 class OutputConfig(Section):
-    root: str = Field("clip-fp8-output", description="Directory, or fsspec URL (e.g. s3://bucket/prefix, credentials from the AWS_* environment), for runs, the artifact store and Prefect cache records.")
+    root: str = Field("clip-fp8-output", description="Directory, or fsspec URL (e.g. s3://bucket/prefix, credentials from the `AWS_*` environment), for runs, the artifact store and Prefect cache records.")
     run_name: str | None = Field(None, description="Name of this run's report folder; default: the flow run's name.")
 
 

@@ -3,81 +3,97 @@
 Both models see the same data through CLIP_benchmark's own ``evaluate`` functions, which need only
 ``encode_image``/``encode_text``. ``amp=False``: autocast would re-round the fake-quant graph and
 blur the comparison. The gate compares each metric's drop (baseline - FP8) with
-``evaluation.max_drop`` (patterns over ``task/metric`` names; ``*`` is the default).
+``evaluation.max_drop`` (patterns over ``dataset/task/metric`` names; ``*`` is the default).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import math
-
+import os
 from pathlib import Path
 
 from clip_fp8 import synthetic
 from clip_fp8.artifacts import ArtifactRef, sha256_file, sha256_json
-from clip_fp8.config import EvaluationConfig
+from clip_fp8.config import EMBEDDED_DATA, EvalDataset, EvaluationConfig
 from clip_fp8.errors import PipelineInputError
 
 RETRIEVAL_DATASETS = {"mscoco_captions", "flickr8k", "flickr30k", "multilingual_mscoco_captions"}
 
 
 def resolve_eval_source(cfg: EvaluationConfig) -> ArtifactRef:
-    """Fingerprint the evaluation data by content (file names, sizes, annotation digest), never by path."""
+    """Fingerprint every evaluation dataset by content (file names, sizes, annotation digest), never by path."""
     import inspect
 
-    if cfg.dataset == "embedded:shapes":
-        return ArtifactRef(stage="eval_source", path="", digest=sha256_json(inspect.getsource(synthetic)),
-                           meta={"dataset": cfg.dataset})
-    if not cfg.root:
+    parts, roots = [], []
+    for index, ds in enumerate(cfg.datasets):
+        if ds.name == EMBEDDED_DATA:
+            parts.append({"name": ds.name, "source": sha256_json(inspect.getsource(synthetic))})
+            continue
+        root = _root(ds, index)
+        annotation = _annotation_file(ds, root, index)
+        listing = sorted((p.relative_to(root).as_posix(), p.stat().st_size) for p in root.rglob("*") if p.is_file())
+        parts.append({"name": ds.name, "split": ds.split, "files": listing,
+                      "annotation": sha256_file(annotation) if annotation else None})
+        roots.append(str(root.resolve()))
+    return ArtifactRef(stage="eval_source", path=os.pathsep.join(roots), digest=sha256_json(parts),
+                       meta={"datasets": [ds.name for ds in cfg.datasets]})
+
+
+def _root(ds: EvalDataset, index: int) -> Path:
+    if not ds.root:
         raise PipelineInputError(
-            f"evaluation.dataset '{cfg.dataset}' needs evaluation.root: a local folder in CLIP_benchmark's layout "
-            f"(on a connected machine: `clip_benchmark eval --dataset {cfg.dataset} --dataset_root DIR` downloads it)")
-    root = Path(cfg.root).expanduser()
+            f"evaluation.datasets[{index}] '{ds.name}' needs a root: a local folder in CLIP_benchmark's layout "
+            f"(on a connected machine: `clip_benchmark eval --dataset {ds.name} --dataset_root DIR` downloads it)")
+    root = Path(ds.root).expanduser()
     if not root.is_dir():
-        raise PipelineInputError(f"evaluation.root '{cfg.root}' does not exist")
-    annotation = _annotation_file(cfg, root)
-    listing = sorted((p.relative_to(root).as_posix(), p.stat().st_size) for p in root.rglob("*") if p.is_file())
-    return ArtifactRef(stage="eval_source", path=str(root.resolve()),
-                       digest=sha256_json({"files": listing, "annotation": sha256_file(annotation) if annotation else None}),
-                       meta={"dataset": cfg.dataset, "files": len(listing)})
+        raise PipelineInputError(f"evaluation.datasets[{index}] '{ds.name}': root '{ds.root}' does not exist")
+    return root
 
 
-def _annotation_file(cfg: EvaluationConfig, root: Path) -> Path | None:
-    if cfg.dataset != "mscoco_captions":
+def _annotation_file(ds: EvalDataset, root: Path, index: int) -> Path | None:
+    if ds.name != "mscoco_captions":
         return None
-    path = Path(cfg.annotation_file).expanduser() if cfg.annotation_file else root / f"coco_{cfg.split}_karpathy.json"
+    path = Path(ds.annotation_file).expanduser() if ds.annotation_file else root / f"coco_{ds.split}_karpathy.json"
     if not path.is_file():
-        raise PipelineInputError(f"evaluation.annotation_file '{path}' does not exist (mscoco_captions needs the captions "
-                                 "JSON; CLIP_benchmark would download coco_<split>_karpathy.json into the root)")
+        raise PipelineInputError(
+            f"evaluation.datasets[{index}] 'mscoco_captions': annotation_file '{path}' does not exist (it needs the "
+            "captions JSON; CLIP_benchmark would download coco_<split>_karpathy.json into the root)")
     return path
 
 
-def dataset_task(cfg: EvaluationConfig) -> str:
-    if cfg.dataset in RETRIEVAL_DATASETS:
+def dataset_task(ds: EvalDataset) -> str:
+    if ds.name in RETRIEVAL_DATASETS:
         return "zeroshot_retrieval"
-    if cfg.dataset.startswith("wds/") and cfg.root:
-        kind = Path(cfg.root).expanduser() / "dataset_type.txt"
+    if ds.name.startswith("wds/") and ds.root:
+        kind = Path(ds.root).expanduser() / "dataset_type.txt"
         if kind.is_file() and kind.read_text().strip().lower() == "retrieval":
             return "zeroshot_retrieval"
     return "zeroshot_classification"
 
 
-def build_clip_benchmark_dataset(cfg: EvaluationConfig, transform):
+def build_clip_benchmark_dataset(ds: EvalDataset, index: int, transform):
     """CLIP_benchmark's own loader, classnames and templates, from a local root (download=False)."""
     from clip_benchmark.datasets.builder import build_dataset
 
-    root = Path(cfg.root).expanduser()
-    if cfg.dataset == "mscoco_captions":
-        folder = root / ("train2014" if cfg.split == "train" else "val2014")
+    root = _root(ds, index)
+    where = f"evaluation.datasets[{index}] '{ds.name}'"
+    if ds.name == "mscoco_captions":
+        folder = root / ("train2014" if ds.split == "train" else "val2014")
         if not folder.is_dir():  # CLIP_benchmark would wget the 6 GB zip here
-            raise PipelineInputError(f"evaluation.root '{cfg.root}' has no {folder.name}/ folder of COCO images")
+            raise PipelineInputError(f"{where}: root '{ds.root}' has no {folder.name}/ folder of COCO images")
     try:
-        return build_dataset(cfg.dataset, root=str(root), transform=transform, split=cfg.split, download=False,
-                             annotation_file=str(_annotation_file(cfg, root) or "") or None, task=dataset_task(cfg))
+        return build_dataset(ds.name, root=str(root), transform=transform, split=ds.split, download=False,
+                             annotation_file=str(_annotation_file(ds, root, index) or "") or None, task=dataset_task(ds))
     except (RuntimeError, FileNotFoundError, ValueError, AssertionError) as exc:
+        hint = "it must be in CLIP_benchmark's layout for that dataset"
+        if ds.name in ("cifar10", "cifar100"):
+            # torchvision compares each file's MD5 with the official release: re-packed files never load.
+            hint = (f"torchvision reads only the official {ds.name}-python release files (it checks their MD5s); "
+                    f"for any other copy use CLIP_benchmark's WebDataset form: `clip_benchmark_export_wds` "
+                    f"and evaluation dataset 'wds/{ds.name}'")
         raise PipelineInputError(
-            f"evaluation.dataset '{cfg.dataset}' could not be read from evaluation.root '{cfg.root}' "
-            f"({type(exc).__name__}: {str(exc)[:160]}); it must be in CLIP_benchmark's layout for that dataset") from None
+            f"{where} could not be read from root '{ds.root}' ({type(exc).__name__}: {str(exc)[:160]}); {hint}") from None
 
 
 def limited(dataset, n: int, seed: int):
@@ -147,42 +163,44 @@ def make_tokenizer(processor):
 
 
 def evaluate_model(model, processor, cfg: EvaluationConfig, device: str) -> dict[str, float]:
-    """Run the configured CLIP_benchmark tasks on one model; metrics keyed ``task/metric``."""
-    import torch
-    from clip_benchmark.datasets.builder import image_captions_collate_fn
-    from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval
-
+    """Run every configured dataset's CLIP_benchmark task on one model; metrics keyed ``dataset/task/metric``."""
     from clip_fp8.encoders import BenchmarkModel
 
     wrapped = BenchmarkModel(model)
     transform, tokenizer = make_transform(processor), make_tokenizer(processor)
     metrics: dict[str, float] = {}
-    if cfg.dataset != "embedded:shapes":
-        task = dataset_task(cfg)
-        if task not in cfg.tasks:
-            raise PipelineInputError(f"evaluation.tasks {cfg.tasks} does not include {task}, the task "
-                                     f"evaluation.dataset '{cfg.dataset}' is for")
-        full = build_clip_benchmark_dataset(cfg, transform)
-        data = limited(full, cfg.num_samples, cfg.seed)
-        if task == "zeroshot_classification":
-            loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size)
-            result = zeroshot_classification.evaluate(wrapped, loader, tokenizer, full.classes, full.templates, device, amp=False)
+    for index, ds in enumerate(cfg.datasets):
+        if ds.name == EMBEDDED_DATA:
+            runs = []
+            if "zeroshot_classification" in cfg.tasks:
+                data = ShapesClassification(cfg.seed, cfg.num_samples, transform)
+                runs.append(("zeroshot_classification", data, data.classes, synthetic.TEMPLATES))
+            if "zeroshot_retrieval" in cfg.tasks:
+                runs.append(("zeroshot_retrieval", ShapesCaptions(cfg.seed + 1, cfg.num_samples, transform), None, None))
         else:
-            loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, collate_fn=image_captions_collate_fn)
-            result = zeroshot_retrieval.evaluate(wrapped, loader, tokenizer, device, amp=False, recall_k_list=cfg.recall_k)
-        return {f"{task}/{k}": float(v) for k, v in result.items()}
-    if "zeroshot_classification" in cfg.tasks:
-        data = ShapesClassification(cfg.seed, cfg.num_samples, transform)
-        loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size)
-        result = zeroshot_classification.evaluate(
-            wrapped, loader, tokenizer, data.classes, synthetic.TEMPLATES, device, amp=False)
-        metrics.update({f"zeroshot_classification/{k}": float(v) for k, v in result.items()})
-    if "zeroshot_retrieval" in cfg.tasks:
-        data = ShapesCaptions(cfg.seed + 1, cfg.num_samples, transform)
-        loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, collate_fn=image_captions_collate_fn)
-        result = zeroshot_retrieval.evaluate(wrapped, loader, tokenizer, device, amp=False, recall_k_list=cfg.recall_k)
-        metrics.update({f"zeroshot_retrieval/{k}": float(v) for k, v in result.items()})
+            task = dataset_task(ds)
+            if task not in cfg.tasks:
+                raise PipelineInputError(f"evaluation.tasks {cfg.tasks} does not include {task}, the task of "
+                                         f"evaluation.datasets[{index}] '{ds.name}'")
+            full = build_clip_benchmark_dataset(ds, index, transform)
+            runs = [(task, limited(full, cfg.num_samples, cfg.seed), getattr(full, "classes", None),
+                     getattr(full, "templates", None))]
+        for task, data, classes, templates in runs:
+            result = run_task(wrapped, tokenizer, task, data, classes, templates, cfg, device)
+            metrics.update({f"{ds.name}/{task}/{k}": float(v) for k, v in result.items()})
     return metrics
+
+
+def run_task(wrapped, tokenizer, task: str, data, classes, templates, cfg: EvaluationConfig, device: str) -> dict:
+    import torch
+    from clip_benchmark.datasets.builder import image_captions_collate_fn
+    from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval
+
+    if task == "zeroshot_classification":
+        loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size)
+        return zeroshot_classification.evaluate(wrapped, loader, tokenizer, classes, templates, device, amp=False)
+    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, collate_fn=image_captions_collate_fn)
+    return zeroshot_retrieval.evaluate(wrapped, loader, tokenizer, device, amp=False, recall_k_list=cfg.recall_k)
 
 
 def allowed_drop(metric: str, max_drop: dict[str, float]) -> float:

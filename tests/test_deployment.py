@@ -191,6 +191,12 @@ def test_custom_run_from_the_prefect_ui_in_chromium(deployed, tmp_path, request)
         evaluation_samples = next(e for e in numbers if e.get_attribute("value") == "1000")  # first: evaluation's
         set_value(calibration_samples, "256")
         set_value(evaluation_samples, "200")
+        # evaluation.datasets renders as a list of {name, root, split, annotation_file} forms, the default entry shown.
+        datasets = driver.find_element(By.XPATH, "//label[contains(., 'Datasets')]")
+        driver.execute_script("arguments[0].scrollIntoView();", datasets)
+        texts = driver.find_elements(By.CSS_SELECTOR, "textarea, input")
+        assert sum(e.get_attribute("value") == "embedded:shapes" for e in texts) == 2  # calibration source, dataset name
+        driver.save_screenshot(str(shots / "prefect-ui-evaluation-datasets.png"))
         root = next(e for e in driver.find_elements(By.TAG_NAME, "textarea") if e.get_attribute("value") == "clip-fp8-output")
         set_value(root, str(tmp_path / "ui-out"))
         driver.save_screenshot(str(shots / "prefect-ui-custom-run-form.png"))

@@ -34,8 +34,9 @@ def test_default_flow_completes_every_stage(first_run):
 
     # The embedded model is good enough for the gate to mean something, and FP8 keeps it there.
     baseline, fp8 = summary["metrics"]["baseline"], summary["metrics"]["fp8"]
-    assert baseline["zeroshot_classification/acc1"] >= 0.90
-    assert fp8["zeroshot_classification/acc1"] >= baseline["zeroshot_classification/acc1"] - 0.02
+    acc1 = "embedded:shapes/zeroshot_classification/acc1"
+    assert baseline[acc1] >= 0.90
+    assert fp8[acc1] >= baseline[acc1] - 0.02
     assert summary["promotable"] is True
 
 

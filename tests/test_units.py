@@ -50,6 +50,13 @@ def test_cache_key_follows_content_not_path(tmp_path):
 def test_paths_cannot_sneak_into_a_cache_key():
     with pytest.raises(TypeError):
         canonical({"where": Path("/tmp")})
+    # Locator fields of nested models stay out too: an evaluation dataset's root arrives as a content digest.
+    from clip_fp8.config import EvalDataset, EvaluationConfig
+
+    here = EvaluationConfig(datasets=[EvalDataset(name="imagenet1k", root="/data/a")])
+    assert canonical(here) == canonical(EvaluationConfig(datasets=[EvalDataset(name="imagenet1k", root="/mnt/b")]))
+    assert canonical(here) != canonical(EvaluationConfig(datasets=[EvalDataset(name="imagenet1k", root="/data/a", split="val")]))
+    assert "/data/a" not in json.dumps(canonical(PipelineConfig(evaluation=here)))
 
 
 def test_every_config_field_has_a_default_and_description():
