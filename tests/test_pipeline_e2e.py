@@ -98,3 +98,25 @@ def test_changing_an_evaluation_setting_reruns_only_evaluation(first_run):
     assert status["evaluate"] == "completed"
     for name in ("calibration_data", "baseline_model", "quantize", "audit", "export", "surgery"):
         assert status[name] == "cached", name
+
+
+def test_adding_an_evaluation_dataset_reruns_only_evaluation_and_reports_both(first_run, tmp_path):
+    from tests.test_eval_datasets import write_wds_classification
+
+    config, _ = first_run
+    root = write_wds_classification(tmp_path / "wds_shapes")
+    changed = config.with_overrides([f"evaluation.datasets=[{{name: 'embedded:shapes'}}, {{name: wds/shapes, root: '{root}'}}]"])
+    summary = clip_fp8_pipeline(changed)
+    assert summary["stages"]["evaluate"]["status"] == "completed"
+    assert all(summary["stages"][name]["status"] == "cached" for name in ("quantize", "export", "surgery"))
+    datasets = {metric.split("/zeroshot_")[0] for metric in summary["metrics"]["fp8"]}
+    assert datasets == {"embedded:shapes", "wds/shapes"}
+    report = Path(summary["artifacts"]["report"]).read_text()
+    assert "wds/shapes/zeroshot_classification/acc1" in report
+    # Only the path moved: the same data elsewhere is the same evaluation, served from the cache.
+    import shutil
+
+    moved = shutil.copytree(root, tmp_path / "moved")
+    again = clip_fp8_pipeline(config.with_overrides(
+        [f"evaluation.datasets=[{{name: 'embedded:shapes'}}, {{name: wds/shapes, root: '{moved}'}}]"]))
+    assert again["stages"]["evaluate"]["status"] == "cached"
