@@ -7,9 +7,12 @@ already on the device and rotated among several sets (so no host-device copy and
 replay is timed). Reports median/p90/p95/p99 latency, throughput in samples/s, coefficient of
 variation (runs above --unstable-cv are flagged) and peak memory. Prints a table, writes JSON.
 
-    python benchmarks/bench_encoders.py --out bench.json [--compile] [--batch-sizes 1 8 32 128]
+    python benchmarks/bench_encoders.py --out bench.json [--compile] [--batch-sizes 1 8 32 128] [--onnx-dir DIR]
 
-Needs only torch and transformers (it runs on GPU hosts without the rest of the project installed).
+The baselines need only torch and transformers (they run on GPU hosts without the rest of the project
+installed). With --onnx-dir and TensorRT present (Python API or trtexec), the FP16 and FP8 engines are
+built and timed by the pipeline's own build and benchmark code (CUDA graphs where they capture, the same
+timer); without TensorRT that part is skipped with the reason, in the output and in the JSON.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from clip_fp8.encoders import ImageEncoder, TextEncoder  # noqa: E402
+from clip_fp8.timing import time_cuda  # noqa: E402
 
 VIT_L_14 = dict(
     text_config=dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -47,34 +50,27 @@ def build_model(device: str, dtype: torch.dtype):
     return model
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
+def time_engines(onnx_dir: Path, args, work: Path) -> tuple[list[dict], dict]:
+    """Build FP16/FP8 engines from ``onnx_dir`` (fp16_text.onnx, fp8_image.onnx, ... as the surgery stage writes
+    them) with the pipeline's own build and benchmark code, and time them like the baselines. Needs TensorRT."""
+    from clip_fp8.config import BenchmarkConfig, BuildConfig
+    from tasks.engines import benchmark_engines, build_engines, resolve_target
 
-
-@torch.no_grad()
-def time_module(module, inputs: list[torch.Tensor], warmup_s: float, duration_s: float) -> dict:
-    t_end = time.perf_counter() + warmup_s
-    i = 0
-    while time.perf_counter() < t_end or i < 3:
-        module(inputs[i % len(inputs)])
-        i += 1
-    torch.cuda.synchronize()
-    times: list[float] = []
-    t_end = time.perf_counter() + duration_s
-    while time.perf_counter() < t_end or len(times) < 10:
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        x = inputs[len(times) % len(inputs)]
-        start.record()
-        module(x)
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    mean = statistics.fmean(times)
-    return {"iterations": len(times), "median_ms": statistics.median(times), "p90_ms": percentile(times, 90),
-            "p95_ms": percentile(times, 95), "p99_ms": percentile(times, 99), "mean_ms": mean,
-            "cv": statistics.pstdev(times) / mean if mean else 0.0}
+    build_cfg = BuildConfig(backend=args.backend, min_batch=min(args.batch_sizes), opt_batch=max(args.batch_sizes),
+                            max_batch=max(args.batch_sizes))
+    target, why_not = resolve_target(build_cfg)
+    if target is None:
+        return [], {"skipped": why_not}
+    onnx_files = {p.stem: p for p in sorted(onnx_dir.glob("fp*_*.onnx"))}
+    if not onnx_files:
+        sys.exit(f"bench_encoders.py: no fp16_*/fp8_*.onnx in --onnx-dir {onnx_dir}")
+    work.mkdir(parents=True, exist_ok=True)
+    built = build_engines(onnx_files, build_cfg, target, work)
+    timed = benchmark_engines(work, built, BenchmarkConfig(batch_sizes=args.batch_sizes, warmup_ms=int(args.warmup * 1000),
+                                                           duration_s=max(1, round(args.duration))), work)
+    rows = [{"variant": f"tensorrt-{r['variant']}", **{k.removeprefix("latency_"): v for k, v in r.items() if k != "variant"}}
+            for r in timed["rows"]]
+    return rows, {"target": built["target"], "engines": built["engines"], "skipped": timed["skipped"]}
 
 
 def main() -> None:
@@ -86,6 +82,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=3.0, help="seconds of timed iterations per case")
     parser.add_argument("--input-sets", type=int, default=4)
     parser.add_argument("--unstable-cv", type=float, default=0.05)
+    parser.add_argument("--onnx-dir", type=Path, help="also build and time TensorRT engines from this folder's "
+                        "fp16_*/fp8_*.onnx (the surgery stage's output); skipped, with the reason, where TensorRT is absent")
+    parser.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "trtexec"])
     args = parser.parse_args()
 
     if not torch.cuda.is_available():
@@ -118,22 +117,34 @@ def main() -> None:
                               for _ in range(args.input_sets)]
                 torch.cuda.reset_peak_memory_stats()
                 t0 = time.perf_counter()
-                stats = time_module(runner, inputs, args.warmup, args.duration)
+                with torch.inference_mode():
+                    stats = time_cuda(lambda i: runner(inputs[i % len(inputs)]), warmup_s=args.warmup, duration_s=args.duration)
                 row = {"variant": variant, "encoder": encoder_name, "batch": batch, **stats,
                        "throughput_samples_s": batch * 1000.0 / stats["median_ms"],
                        "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20,
                        "unstable": stats["cv"] > args.unstable_cv, "wall_s": time.perf_counter() - t0}
                 rows.append(row)
-                args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))  # partial results survive a timeout
+                args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))  # partial results survive a timeout
                 print(f"{variant:16} {encoder_name:5} b={batch:<4} median {row['median_ms']:8.3f} ms  "
                       f"p99 {row['p99_ms']:8.3f}  {row['throughput_samples_s']:9.1f}/s  cv {row['cv']:.3f}"
                       f"{' UNSTABLE' if row['unstable'] else ''}  peak {row['peak_memory_mb']:.0f} MB", flush=True)
+
+    if args.onnx_dir:
+        del encoders, model
+        torch.cuda.empty_cache()
+        engine_rows, meta["tensorrt"] = time_engines(args.onnx_dir, args, args.out.parent / "engines")
+        for row in engine_rows:
+            row["unstable"] = row["cv"] > args.unstable_cv
+        rows += engine_rows
+        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+        if "skipped" in meta["tensorrt"]:
+            print(f"TensorRT engines not timed: {meta['tensorrt']['skipped']}")
 
     print(f"\n{meta['device']} (cc {meta['compute_capability']}), torch {meta['torch']}, {meta['model']}")
     print(f"{'variant':16} {'encoder':7} {'batch':>5} {'median ms':>10} {'p90':>8} {'p95':>8} {'p99':>8} {'samples/s':>10} {'cv':>6} {'peak MB':>8}")
     for r in rows:
         print(f"{r['variant']:16} {r['encoder']:7} {r['batch']:>5} {r['median_ms']:>10.3f} {r['p90_ms']:>8.3f} "
-              f"{r['p95_ms']:>8.3f} {r['p99_ms']:>8.3f} {r['throughput_samples_s']:>10.1f} {r['cv']:>6.3f} {r['peak_memory_mb']:>8.0f}")
+              f"{r['p95_ms']:>8.3f} {r['p99_ms']:>8.3f} {r['throughput_samples_s']:>10.1f} {r['cv']:>6.3f} {r.get('peak_memory_mb', float('nan')):>8.0f}")
     print(f"wrote {args.out}")
 
 

@@ -169,6 +169,10 @@ class BenchmarkConfig(Section):
     batch_sizes: list[int] = Field(default=[1, 8, 32, 128], description="Batch sizes to time.")
     warmup_ms: int = Field(1000, ge=0, description="Warm-up before each timed case (ms).")
     duration_s: int = Field(10, ge=1, description="Timed duration of each case (s).")
+    pytorch_baselines: list[Literal["eager", "compile"]] = Field(
+        default=["eager"], description="PyTorch FP16 baselines timed the same way beside the engines (GPU only): "
+        "eager (SDPA attention, what users run today) and optionally torch.compile.",
+    )
 
 
 class OutputConfig(Section):

@@ -128,7 +128,8 @@ def clip_fp8_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
         engines = runner.run("build", repaired=repaired, cfg=config.build, target=target, store=store)
         if "engines" in engines.meta:
             summary["engines"] = engines.meta
-        timed = runner.run("benchmark", engines=engines, cfg=config.benchmark, target=target, store=store)
+        timed = runner.run("benchmark", engines=engines, model_source=model_source["ref"], model_cfg=config.model,
+                           cfg=config.benchmark, target=target, store=store)
         if timed.meta.get("rows"):
             summary["benchmark"] = timed.meta
             run_dir.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ from clip_fp8.config import BuildConfig
 INSTALL_HINT = ("install TensorRT (NVIDIA's TensorRT container, or `pip install tensorrt` from NVIDIA's index) "
                 "or put trtexec on PATH")
 FP8_MIN_CC = (8, 9)
+UNSTABLE_CV = 0.05  # runs whose coefficient of variation exceeds this are flagged
 
 
 @dataclass(frozen=True)
@@ -298,54 +299,117 @@ def build_engines(repaired: dict[str, Path], cfg: BuildConfig, target: Target, o
     return {"target": asdict(target), "engines": results}
 
 
-def _time_with_api(backend: str, engine_path: Path, batch: int, warmup_ms: int, duration_s: int) -> dict:
-    """CUDA-event timing of ``execute_async_v3`` on device-resident inputs (no host-device copies timed)."""
-    import statistics
-
+def bench_inputs(shape: tuple[int, ...], dtype, seed: int, vocab: int = 49408):
+    """The inputs every variant of one encoder gets at one batch size: token ids below ``vocab`` or pixels,
+    seeded by the batch so the FP16 engine, the FP8 engine and PyTorch see the same values."""
     import torch
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    if not dtype.is_floating_point:
+        return torch.randint(0, vocab, shape, dtype=dtype, device="cuda", generator=g)
+    return torch.randn(shape, dtype=torch.float32, device="cuda", generator=g).to(dtype)
+
+
+def onnx_vocab_size(onnx_path: Path, default: int = 49408) -> int:
+    """Rows of the token-embedding table the text graph gathers ``input_ids`` from (CLIP's 49,408 if not found)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    ids = {model.graph.input[0].name}  # input_ids and its reshaped/cast copies (nodes are in topological order)
+    tables = {i.name: list(i.dims) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type in ("Reshape", "Cast", "Flatten", "Identity", "Unsqueeze", "Squeeze") and node.input[0] in ids:
+            ids.update(node.output)
+        elif node.op_type == "Gather" and len(node.input) > 1 and node.input[1] in ids and node.input[0] in tables:
+            return int(tables[node.input[0]][0])
+    return default
+
+
+def _time_with_api(backend: str, engine_path: Path, batch: int, warmup_ms: int, duration_s: int,
+                   vocab: int = 49408) -> dict:
+    """Time ``execute_async_v3`` on device-resident inputs, replayed from a CUDA graph where it captures."""
+    import torch
+
+    from clip_fp8.timing import capture_graph, time_cuda
 
     trt = _import_api(backend)
     runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
     engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
     context = engine.create_execution_context()
     stream = torch.cuda.Stream()
-    buffers = []
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
-        if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-            shape = (batch, *tuple(engine.get_tensor_shape(name))[1:])
-            context.set_input_shape(name, shape)
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
-        shape = tuple(context.get_tensor_shape(name))
-        dtype = {trt.DataType.HALF: torch.float16, trt.DataType.FLOAT: torch.float32,
-                 trt.DataType.INT64: torch.int64, trt.DataType.INT32: torch.int32}[engine.get_tensor_dtype(name)]
-        tensor = (torch.randint(0, 1000, shape, dtype=dtype, device="cuda") if not dtype.is_floating_point
-                  else torch.randn(shape, dtype=dtype, device="cuda"))
-        buffers.append(tensor)
-        context.set_tensor_address(name, tensor.data_ptr())
-    with torch.cuda.stream(stream):
-        t_end = time.perf_counter() + warmup_ms / 1000
-        while time.perf_counter() < t_end:
-            context.execute_async_v3(stream.cuda_stream)
-        stream.synchronize()
-        times: list[float] = []
-        t_end = time.perf_counter() + duration_s
-        while time.perf_counter() < t_end or len(times) < 10:
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(stream)
-            context.execute_async_v3(stream.cuda_stream)
-            stop.record(stream)
-            stop.synchronize()
-            times.append(start.elapsed_time(stop))
-    ordered = sorted(times)
-    pick = lambda q: ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]  # noqa: E731
-    mean = statistics.fmean(times)
-    cv = statistics.pstdev(times) / mean
-    return {"latency_median_ms": statistics.median(times), "latency_p90_ms": pick(90), "latency_p95_ms": pick(95),
-            "latency_p99_ms": pick(99), "throughput_samples_s": batch * 1000 / statistics.median(times),
-            "cv": cv, "unstable": cv > 0.05, "device_memory_bytes": engine.device_memory_size_v2
-            if hasattr(engine, "device_memory_size_v2") else engine.device_memory_size}
+    dtypes = {trt.DataType.HALF: torch.float16, trt.DataType.FLOAT: torch.float32,
+              trt.DataType.INT64: torch.int64, trt.DataType.INT32: torch.int32}
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+    for name in inputs:
+        context.set_input_shape(name, (batch, *tuple(engine.get_tensor_shape(name))[1:]))
+    buffers = {}
+    for name in names:
+        shape, dtype = tuple(context.get_tensor_shape(name)), dtypes[engine.get_tensor_dtype(name)]
+        buffers[name] = (bench_inputs(shape, dtype, batch, vocab) if name in inputs
+                         else torch.empty(shape, dtype=dtype, device="cuda"))
+        context.set_tensor_address(name, buffers[name].data_ptr())
+
+    def enqueue() -> None:
+        if not context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError(f"execute_async_v3 failed for {engine_path.name} at batch {batch}")
+
+    graph, why_not = capture_graph(enqueue, stream)
+    stats = time_cuda((lambda i: graph.replay()) if graph else (lambda i: enqueue()),
+                      warmup_s=warmup_ms / 1000, duration_s=duration_s, stream=stream)
+    # Activations: the context's scratch memory for these shapes; weights: the engine's own statistic.
+    activations = (context.update_device_memory_size_for_shapes()
+                   if hasattr(context, "update_device_memory_size_for_shapes") else engine.device_memory_size_v2)
+    weights = engine.get_engine_stat(trt.EngineStat.TOTAL_WEIGHTS_SIZE) if hasattr(trt, "EngineStat") else None
+    return {**{f"latency_{k}": v for k, v in stats.items() if k.endswith("_ms")},
+            "iterations": stats["iterations"], "throughput_samples_s": batch * 1000 / stats["median_ms"],
+            "cv": stats["cv"], "unstable": stats["cv"] > UNSTABLE_CV, "cuda_graph": graph is not None,
+            **({"cuda_graph_note": why_not} if why_not else {}),
+            "activation_bytes": int(activations), "weights_bytes": None if weights is None else int(weights)}
+
+
+def _tower_bytes(model, encoder: str) -> int:
+    parts = ("text_model", "text_projection") if encoder == "text" else ("vision_model", "visual_projection")
+    return sum(p.numel() * p.element_size() for part in parts for p in getattr(model, part).parameters())
+
+
+def benchmark_pytorch(model_path: str, model_cfg, onnx_files: dict[str, Path], cfg) -> list[dict]:
+    """The baselines users run today, timed the same way: the FP16 model with SDPA attention, eager (and
+    ``torch.compile`` when asked), on the same inputs as the engines. GPU only."""
+    import torch
+
+    from clip_fp8.encoders import ImageEncoder, TextEncoder
+    from clip_fp8.timing import time_cuda
+    from tasks.model import load_clip
+
+    model = load_clip(model_path, model_cfg.model_copy(update={"device": "cuda", "dtype": "float16"}))
+    rows = []
+    for encoder_name, wrap in (("text", TextEncoder), ("image", ImageEncoder)):
+        onnx_path = onnx_files.get(f"fp16_{encoder_name}")
+        if onnx_path is None:
+            continue
+        _, dims = onnx_input(onnx_path)
+        module = wrap(model).eval()
+        for variant in cfg.pytorch_baselines:
+            runner = module if variant == "eager" else torch.compile(module, dynamic=False)
+            for batch in cfg.batch_sizes:
+                shape = (batch, *dims[1:])
+                x = bench_inputs(shape, torch.int64 if encoder_name == "text" else torch.float16, batch,
+                                 model.config.text_config.vocab_size)
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                with torch.inference_mode():
+                    stats = time_cuda(lambda i: runner(x), warmup_s=cfg.warmup_ms / 1000, duration_s=cfg.duration_s)
+                rows.append({"engine": f"pytorch-{variant}_{encoder_name}", "variant": f"pytorch-{variant}",
+                             "encoder": encoder_name, "batch": batch,
+                             **{f"latency_{k}": v for k, v in stats.items() if k.endswith("_ms")},
+                             "iterations": stats["iterations"], "throughput_samples_s": batch * 1000 / stats["median_ms"],
+                             "cv": stats["cv"], "unstable": stats["cv"] > UNSTABLE_CV, "cuda_graph": False,
+                             "activation_bytes": torch.cuda.max_memory_allocated() - base,
+                             "weights_bytes": _tower_bytes(model, encoder_name)})
+    del model
+    torch.cuda.empty_cache()
+    return rows
 
 
 def benchmark_engines(engine_dir: Path, built: dict, cfg, out_dir: Path) -> dict:
@@ -371,7 +435,8 @@ def benchmark_engines(engine_dir: Path, built: dict, cfg, out_dir: Path) -> dict
                     raise RuntimeError(f"trtexec benchmark of {name} at batch {batch} failed (see {name}.b{batch}.log)")
                 stats = parse_trtexec_performance(run.stdout, batch)
             else:
-                stats = _time_with_api(target.backend, engine_path, batch, cfg.warmup_ms, cfg.duration_s)
+                vocab = onnx_vocab_size(Path(entry["onnx"])) if dims and len(dims) == 2 else 49408
+                stats = _time_with_api(target.backend, engine_path, batch, cfg.warmup_ms, cfg.duration_s, vocab)
             variant, encoder = name.split("_", 1)
             rows.append({"engine": name, "variant": variant, "encoder": encoder, "batch": batch,
                          "engine_bytes": entry["engine_bytes"], **stats})

@@ -62,15 +62,20 @@ def render_markdown(summary: dict[str, Any]) -> str:
                 lines.append(f"| {name} | {_mb(e['engine_bytes'])} | {e['build_seconds']:.1f} | {precision} |")
     bench = summary.get("benchmark")
     if bench and bench.get("rows"):
-        lines += ["", "## Benchmark", "", "| encoder | variant | batch | median ms | p99 ms | samples/s | cv | FP8/FP16 speedup |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "## Benchmark", "",
+                  "| encoder | variant | batch | median ms | p99 ms | samples/s | cv | weights | activations | "
+                  "FP8 vs FP16 | FP8 vs PyTorch |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         median = {(r["encoder"], r["variant"], r["batch"]): r["latency_median_ms"] for r in bench["rows"]}
         for r in sorted(bench["rows"], key=lambda r: (r["encoder"], r["batch"], r["variant"])):
-            fp16 = median.get((r["encoder"], "fp16", r["batch"]))
-            speedup = f"{fp16 / r['latency_median_ms']:.2f}x" if r["variant"] == "fp8" and fp16 else ""
+            speedups = []
+            for reference in ("fp16", "pytorch-eager"):
+                ref = median.get((r["encoder"], reference, r["batch"]))
+                speedups.append(f"{ref / r['latency_median_ms']:.2f}x" if r["variant"] == "fp8" and ref else "")
             cv = f"{r['cv']:.3f}{' unstable' if r.get('unstable') else ''}" if r.get("cv") is not None else "—"
+            memory = [_mb(r[k]) if r.get(k) is not None else "—" for k in ("weights_bytes", "activation_bytes")]
             lines.append(f"| {r['encoder']} | {r['variant']} | {r['batch']} | {r['latency_median_ms']:.3f} | "
-                         f"{r.get('latency_p99_ms', float('nan')):.3f} | {r['throughput_samples_s']:.1f} | {cv} | {speedup} |")
+                         f"{r.get('latency_p99_ms', float('nan')):.3f} | {r['throughput_samples_s']:.1f} | {cv} | "
+                         f"{memory[0]} | {memory[1]} | {speedups[0]} | {speedups[1]} |")
         if summary.get("benchmark_png"):
             lines += ["", f"![latency and throughput](data:image/png;base64,{summary['benchmark_png']})"]
     lines += ["", "## Artifacts", ""] + [f"- {k}: `{v}`" for k, v in summary.get("artifacts", {}).items()]

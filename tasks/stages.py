@@ -30,7 +30,7 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "export": ("tasks.export", "tasks.quantize"),
     "surgery": ("tasks.surgery", "tasks.validate", "tasks.preflight"),
     "build": ("tasks.engines",),
-    "benchmark": ("tasks.engines",),
+    "benchmark": ("tasks.engines", "clip_fp8.timing", "tasks.model"),
 }
 
 
@@ -195,7 +195,8 @@ def build(repaired: ArtifactRef, cfg: BuildConfig, target: str, store: ArtifactS
 
 
 @stage("benchmark", retries=2, timeout_seconds=3600)
-def benchmark(engines: ArtifactRef, cfg: BenchmarkConfig, target: str, store: ArtifactStore) -> ArtifactRef:
+def benchmark(engines: ArtifactRef, model_source: ArtifactRef, model_cfg: ModelConfig, cfg: BenchmarkConfig, target: str,
+              store: ArtifactStore) -> ArtifactRef:
     if "skip_reason" in engines.meta:
         return ArtifactRef(stage="benchmark", path="", digest="skipped",
                            meta={"skip_reason": f"no engines to time ({engines.meta['skip_reason']})"})
@@ -203,13 +204,16 @@ def benchmark(engines: ArtifactRef, cfg: BenchmarkConfig, target: str, store: Ar
         return ArtifactRef(stage="benchmark", path="", digest="disabled", meta={"skip_reason": "benchmark.enabled=false"})
     from prefect.concurrency.sync import concurrency
 
-    from tasks.engines import benchmark_engines, gpu_limit_name
+    from tasks.engines import benchmark_engines, benchmark_pytorch, gpu_limit_name
 
-    key = key_of("benchmark", engines=engines, cfg=cfg, target=target)
+    key = key_of("benchmark", engines=engines, model_source=model_source, model_cfg=model_cfg, cfg=cfg, target=target)
     gpu = engines.meta["target"]["gpu"]
     # One benchmark per GPU type at a time (the limit `clip-fp8 deploy` creates); without it, no lock.
     with store.staging("benchmark", key) as tmp, concurrency(gpu_limit_name(gpu), occupy=1, strict=False):
         result = benchmark_engines(engines.local_dir(), engines.meta, cfg, tmp)
+        if result["rows"] and cfg.pytorch_baselines:  # engines were timed, so this host has the GPU
+            onnx_files = {name: Path(e["onnx"]) for name, e in engines.meta["engines"].items()}
+            result["rows"] += benchmark_pytorch(model_source.path, model_cfg, onnx_files, cfg)
         (tmp / "benchmark.json").write_text(json.dumps(result, indent=1))
     if not result["rows"]:
         result["skip_reason"] = "; ".join(sorted(set(result["skipped"].values()))) or "nothing to time"

@@ -17,8 +17,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 def prefect_server():
     """A fresh Prefect database for the session. Result storage is not part of the harness, so every
     test gives the flow its own ``output.root``: cache records live there, beside the artifacts."""
-    from prefect.testing.utilities import prefect_test_harness
-
+    try:
+        from prefect.testing.utilities import prefect_test_harness
+    except ImportError:  # GPU hosts run only the `gpu` tests, which need no Prefect
+        yield
+        return
     with prefect_test_harness(server_startup_timeout=120):
         yield
 

@@ -55,6 +55,16 @@ def test_flow_builds_fp16_and_fp8_engines_with_tensorrt_rtx(rtx_run):
     assert "RTX GPUs only" in rtx_run["stages"]["benchmark"]["note"]
 
 
+def test_benchmark_inputs_stay_inside_the_exported_vocabulary(rtx_run):
+    # Token ids for timing are drawn below the embedding table's rows, read off each text graph (FP16 and FP8).
+    from tasks.engines import onnx_vocab_size
+    from tasks.model import EMBEDDED_MODELS
+
+    vocab = json.loads((EMBEDDED_MODELS["tiny-clip-shapes"] / "config.json").read_text())["text_config"]["vocab_size"]
+    for name in ("fp16_text", "fp8_text"):
+        assert onnx_vocab_size(Path(rtx_run["artifacts"][f"onnx_{name}"])) == vocab != 49408
+
+
 def test_older_gpu_skips_fp8_but_builds_fp16(rtx_run, tmp_path):
     onnx = {name: Path(rtx_run["artifacts"][f"onnx_{name}"]) for name in ("fp16_text", "fp8_text")}
     target = Target("tensorrt-rtx", "1.7.1.116", "NVIDIA A10", "8.6")
@@ -123,15 +133,25 @@ def test_parse_trtexec_performance_summary():
 
 
 def test_benchmark_plot_renders_measured_rows(tmp_path):
-    # Real measurements (the H100 PyTorch baselines in docs/), reshaped to the benchmark stage's rows.
+    # Real measurements (the H100 PyTorch baselines in docs/), reshaped to the benchmark stage's rows: the eager
+    # rows stand in for the FP16 engine and for the PyTorch baseline, the compiled ones for the FP8 engine.
     from tasks.report import plot_benchmark, render_markdown
 
     measured = json.loads((Path(__file__).parent.parent / "docs/results/2026-11-23-h100-pytorch-encoders.json").read_text())
-    rows = [{"encoder": r["encoder"], "variant": "fp16" if r["variant"] == "pytorch-eager" else "fp8", "batch": r["batch"],
-             "latency_median_ms": r["median_ms"], "latency_p99_ms": r["p99_ms"], "cv": r["cv"],
-             "throughput_samples_s": r["throughput_samples_s"]} for r in measured["rows"]]
+    rows = []
+    for r in measured["rows"]:
+        for variant in (["fp16", "pytorch-eager"] if r["variant"] == "pytorch-eager" else ["fp8"]):
+            rows.append({"encoder": r["encoder"], "variant": variant, "batch": r["batch"], "latency_median_ms": r["median_ms"],
+                         "latency_p99_ms": r["p99_ms"], "cv": r["cv"], "throughput_samples_s": r["throughput_samples_s"],
+                         "weights_bytes": 246_000_000, "activation_bytes": int(r["peak_memory_mb"] * 2**20)})
     png = plot_benchmark(rows, tmp_path / "plot.png")
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     markdown = render_markdown({"run": "r", "status": "completed", "promotable": True, "stages": {},
                                 "benchmark": {"rows": rows}, "benchmark_png": "AAAA"})
-    assert "## Benchmark" in markdown and "x |" in markdown and "data:image/png;base64,AAAA" in markdown
+    assert "## Benchmark" in markdown and "data:image/png;base64,AAAA" in markdown
+    eager = {(r["encoder"], r["batch"]): r["median_ms"] for r in measured["rows"] if r["variant"] == "pytorch-eager"}
+    compiled = next(r for r in measured["rows"] if r["variant"] == "pytorch-compile" and r["encoder"] == "image" and r["batch"] == 128)
+    speedup = f"{eager[('image', 128)] / compiled['median_ms']:.2f}x"
+    fp8_row = next(line for line in markdown.splitlines() if line.startswith("| image | fp8 | 128 |"))
+    assert fp8_row.endswith(f"| {speedup} | {speedup} |")  # vs the FP16 engine and vs PyTorch eager
+    assert "246.00 MB" in fp8_row
