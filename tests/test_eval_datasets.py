@@ -82,21 +82,29 @@ def write_cifar100_python(root: Path, n: int = 10) -> Path:
 
 
 def write_wds_cifar100(root: Path, n: int = 10) -> Path:
-    """CIFAR-100 in CLIP_benchmark's WebDataset form, written by CLIP_benchmark's own converter
-    (`clip_benchmark_export_wds` calls it) with CIFAR-100's classnames and CLIP_benchmark's 18 templates."""
-    import json
+    """CIFAR-100 in CLIP_benchmark's WebDataset form, written by CLIP_benchmark's own converter (what
+    `clip_benchmark_export_wds` calls) with CIFAR-100's classnames and CLIP_benchmark's 18 templates. The
+    converter forks 8 DataLoader workers; it runs in a fresh process, as the CLI would, not in the test's."""
+    import subprocess
+    import sys
 
-    import clip_benchmark.datasets
-    from clip_benchmark.webdataset_builder import PIL_to_bytes, convert_dataset
+    script = f"""
+import json, sys
+from pathlib import Path
+import clip_benchmark.datasets
+from clip_benchmark.webdataset_builder import PIL_to_bytes, convert_dataset
+from tests.test_eval_datasets import CIFAR100_CLASSES, cifar_images
 
-    templates = json.loads((Path(clip_benchmark.datasets.__file__).parent / "en_zeroshot_classification_templates.json").read_text())["cifar100"]
+templates = json.loads((Path(clip_benchmark.datasets.__file__).parent / "en_zeroshot_classification_templates.json").read_text())["cifar100"]
 
-    class Cifar(list):
-        classes, templates = CIFAR100_CLASSES, None
+class Cifar(list):
+    classes, templates = CIFAR100_CLASSES, templates
 
-    data = Cifar(cifar_images(n))
-    data.templates = templates
-    convert_dataset(data, "test", str(root), transform=PIL_to_bytes("webp"), verbose=False)
+convert_dataset(Cifar(cifar_images({n})), "test", {str(root)!r}, transform=PIL_to_bytes("webp"), verbose=False)
+"""
+    run = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent.parent, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
     return root
 
 

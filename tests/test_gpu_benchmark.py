@@ -9,10 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytestmark = pytest.mark.gpu
-
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU (run it through the device tool)", allow_module_level=True)
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run it through the device tool)")]
 
 
 def test_timer_measures_work_and_graph_replay_repeats_it():
