@@ -50,18 +50,9 @@ def canonical(value: Any) -> Any:
     """The part of a task input that identifies its content."""
     if hasattr(value, "__cache_key__"):
         return {"ref": value.__cache_key__()}
-    if isinstance(value, BaseModel):
-        dumped = value.model_dump(mode="json")
-        out = {}
-        for name, f in type(value).model_fields.items():
-            if {"locator", "execution"} & set(f.json_schema_extra or {}):  # type: ignore[arg-type]
-                continue
-            field_value = getattr(value, name)
-            # Nested models (e.g. evaluation.datasets entries) drop their own locator fields too.
-            nested = isinstance(field_value, BaseModel) or (
-                isinstance(field_value, (list, tuple)) and any(isinstance(v, BaseModel) for v in field_value))
-            out[name] = canonical(field_value) if nested else dumped[name]
-        return out
+    if isinstance(value, BaseModel):  # recursive, so nested models (evaluation.datasets) drop their locators too
+        return {name: canonical(getattr(value, name)) for name, f in type(value).model_fields.items()
+                if not {"locator", "execution"} & set(f.json_schema_extra or {})}  # type: ignore[arg-type]
     if isinstance(value, Path):
         raise TypeError(f"a Path ({value}) cannot be part of a cache key; pass an ArtifactRef")
     if isinstance(value, dict):

@@ -110,7 +110,6 @@ class EvaluationConfig(Section):
         description="CLIP_benchmark tasks to run on baseline and fake-quantized FP8 models (embedded:shapes runs "
         "both; every other dataset's task must be listed).",
     )
-
     num_samples: int = Field(1000, ge=1, description="Images per dataset and task (a seeded subset; a limit for quick runs).")
     batch_size: int = Field(256, ge=1, description="Evaluation batch size.")
     seed: int = Field(1, description="Seed of the evaluation split (distinct from calibration).")

@@ -76,7 +76,8 @@ def resolve_data_source(cfg: CalibrationConfig) -> ArtifactRef:
     if kind == "hf":
         dataset = _load_hf_dataset(location, cfg)
         # datasets' own fingerprint: a hash of the data and every transform applied to it, not of where it is.
-        return ArtifactRef(stage="data_source", path=str(Path(location).expanduser().resolve()) if Path(location).expanduser().is_dir() else location,
+        local = Path(location).expanduser()
+        return ArtifactRef(stage="data_source", path=str(local.resolve()) if local.is_dir() else location,
                            digest=sha256_json({"fingerprint": dataset._fingerprint, "split": cfg.split,
                                                "columns": [cfg.image_column, cfg.caption_column]}),
                            meta={"kind": "hf", "source": cfg.source, "rows": len(dataset)})
@@ -250,14 +251,10 @@ def image_bytes(source_kind: str, root: str, locator: str, cfg: CalibrationConfi
     if source_kind == "hf":
         import datasets
 
-        key = ("hf", root)
-        if cache is None or key not in cache:
-            dataset = _load_hf_dataset(root, cfg).cast_column(cfg.image_column, datasets.Image(decode=False))
-            if cache is not None:
-                cache[key] = dataset
-        else:
-            dataset = cache[key]
-        cell = dataset[int(locator)][cfg.image_column]
+        cache = cache if cache is not None else {}
+        if ("hf", root) not in cache:
+            cache["hf", root] = _load_hf_dataset(root, cfg).cast_column(cfg.image_column, datasets.Image(decode=False))
+        cell = cache["hf", root][int(locator)][cfg.image_column]
         return cell["bytes"] if cell.get("bytes") else Path(cell["path"]).read_bytes()
     return (Path(root) / locator).read_bytes()
 

@@ -325,6 +325,12 @@ def onnx_vocab_size(onnx_path: Path, default: int = 49408) -> int:
     return default
 
 
+def timing_row(stats: dict, batch: int) -> dict:
+    """A benchmark row's timing fields from ``clip_fp8.timing.time_cuda``'s result."""
+    return {**{f"latency_{k}": v for k, v in stats.items() if k.endswith("_ms")}, "iterations": stats["iterations"],
+            "throughput_samples_s": batch * 1000 / stats["median_ms"], "cv": stats["cv"], "unstable": stats["cv"] > UNSTABLE_CV}
+
+
 def _time_with_api(backend: str, engine_path: Path, batch: int, warmup_ms: int, duration_s: int,
                    vocab: int = 49408) -> dict:
     """Time ``execute_async_v3`` on device-resident inputs, replayed from a CUDA graph where it captures."""
@@ -361,10 +367,7 @@ def _time_with_api(backend: str, engine_path: Path, batch: int, warmup_ms: int, 
     activations = (context.update_device_memory_size_for_shapes()
                    if hasattr(context, "update_device_memory_size_for_shapes") else engine.device_memory_size_v2)
     weights = engine.get_engine_stat(trt.EngineStat.TOTAL_WEIGHTS_SIZE) if hasattr(trt, "EngineStat") else None
-    return {**{f"latency_{k}": v for k, v in stats.items() if k.endswith("_ms")},
-            "iterations": stats["iterations"], "throughput_samples_s": batch * 1000 / stats["median_ms"],
-            "cv": stats["cv"], "unstable": stats["cv"] > UNSTABLE_CV, "cuda_graph": graph is not None,
-            **({"cuda_graph_note": why_not} if why_not else {}),
+    return {**timing_row(stats, batch), "cuda_graph": graph is not None, **({"cuda_graph_note": why_not} if why_not else {}),
             "activation_bytes": int(activations), "weights_bytes": None if weights is None else int(weights)}
 
 
@@ -402,9 +405,7 @@ def benchmark_pytorch(model_path: str, model_cfg, onnx_files: dict[str, Path], c
                     stats = time_cuda(lambda i: runner(x), warmup_s=cfg.warmup_ms / 1000, duration_s=cfg.duration_s)
                 rows.append({"engine": f"pytorch-{variant}_{encoder_name}", "variant": f"pytorch-{variant}",
                              "encoder": encoder_name, "batch": batch,
-                             **{f"latency_{k}": v for k, v in stats.items() if k.endswith("_ms")},
-                             "iterations": stats["iterations"], "throughput_samples_s": batch * 1000 / stats["median_ms"],
-                             "cv": stats["cv"], "unstable": stats["cv"] > UNSTABLE_CV, "cuda_graph": False,
+                             **timing_row(stats, batch), "cuda_graph": False,
                              "activation_bytes": torch.cuda.max_memory_allocated() - base,
                              "weights_bytes": _tower_bytes(model, encoder_name)})
     del model

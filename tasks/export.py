@@ -150,4 +150,3 @@ def export_all(baseline_path: str, checkpoint: str, model_cfg: ModelConfig, cfg:
             sizes[name] = export_encoder(wrapper.eval(), dummies[encoder_name], out_dir / name, cfg.opset)
         del model
     return sizes
-

@@ -135,6 +135,15 @@ def rename_tensor(model: onnx.ModelProto, old: str, new: str) -> None:
             out.name = new
 
 
+def consumers_of(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes that read it."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return consumers
+
+
 def _bypass(model: onnx.ModelProto, node: onnx.NodeProto, replacement: str) -> None:
     """Remove ``node`` (single output) and point its consumers, or the graph output, at ``replacement``."""
     old = node.output[0]
@@ -170,10 +179,7 @@ def drop_identity_casts(model: onnx.ModelProto) -> int:
 def fold_weight_transposes(model: onnx.ModelProto) -> int:
     """DQ(W_fp8, per-tensor scale) -> Transpose  ==>  DQ(W_fp8 transposed), when W feeds nothing else."""
     inits = {i.name: i for i in model.graph.initializer}
-    consumers: dict[str, list] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consumers = consumers_of(model)
     folded = 0
     for dq in list(model.graph.node):
         if dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
@@ -211,10 +217,7 @@ def quantize_safe_softmax(model: onnx.ModelProto) -> int:
     if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
         return 0  # an FP16 baseline graph stays FP16
     dtype = compute_type(model) or TensorProto.FLOAT
-    consumers: dict[str, list] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consumers = consumers_of(model)
     inserted = 0
     for softmax in [n for n in model.graph.node if n.op_type == "Softmax"]:
         where = _safe_softmax_output(softmax, consumers)
@@ -256,10 +259,7 @@ def repair_for_strong_typing(model: onnx.ModelProto) -> tuple[onnx.ModelProto, d
 def qdq_census(model: onnx.ModelProto) -> dict:
     """What the graph quantizes: Q/DQ counts, FP8 weights, MatMuls/Convs fed by DQ, Softmax outputs quantized."""
     producer = {out: n for n in model.graph.node for out in n.output}
-    consumers: dict[str, list] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consumers = consumers_of(model)
     ops = Counter(n.op_type for n in model.graph.node)
     gemms = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv")]
     fp8_gemms = [n for n in gemms if all((p := producer.get(i)) is not None and p.op_type == "DequantizeLinear"
