@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from clip_fp8.encoders import ImageEncoder, TextEncoder  # noqa: E402
-from clip_fp8.timing import time_cuda  # noqa: E402
+from clip_fp8.clip import CLIP_VOCAB_SIZE
+from clip_fp8.encoders import ImageEncoder, TextEncoder
+from clip_fp8.timing import time_cuda
 
 VIT_L_14 = dict(
-    text_config=dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+    text_config=dict(vocab_size=CLIP_VOCAB_SIZE, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                      num_attention_heads=12, max_position_embeddings=77, hidden_act="gelu"),
     vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                        image_size=224, patch_size=14, hidden_act="gelu"),
@@ -52,25 +52,41 @@ def build_model(device: str, dtype: torch.dtype):
 
 def time_engines(onnx_dir: Path, args, work: Path) -> tuple[list[dict], dict]:
     """Build FP16/FP8 engines from ``onnx_dir`` (fp16_text.onnx, fp8_image.onnx, ... as the surgery stage writes
-    them) with the pipeline's own build and benchmark code, and time them like the baselines. Needs TensorRT."""
+    them) with the pipeline's own build stage, and time them with its benchmark code. Needs TensorRT."""
+    from clip_fp8.artifacts import ArtifactRef
     from clip_fp8.config import BenchmarkConfig, BuildConfig
-    from tasks.engines import benchmark_engines, build_engines, resolve_target
+    from clip_fp8.tasks.benchmark import time_engines as time_built_engines
+    from clip_fp8.tasks.build import build
+    from clip_fp8.tasks.tensorrt import resolve_target
 
     build_cfg = BuildConfig(backend=args.backend, min_batch=min(args.batch_sizes), opt_batch=max(args.batch_sizes),
                             max_batch=max(args.batch_sizes))
-    target, why_not = resolve_target(build_cfg)
-    if target is None:
-        return [], {"skipped": why_not}
-    onnx_files = {p.stem: p for p in sorted(onnx_dir.glob("fp*_*.onnx"))}
-    if not onnx_files:
+    bench_cfg = BenchmarkConfig(batch_sizes=args.batch_sizes, warmup_ms=int(args.warmup * 1000),
+                                duration_s=max(1, round(args.duration)))
+    target = resolve_target(build_cfg)
+    if target.unavailable:
+        return [], {"skipped": target.unavailable}
+    if not list(onnx_dir.glob("fp*_*.onnx")):
         sys.exit(f"bench_encoders.py: no fp16_*/fp8_*.onnx in --onnx-dir {onnx_dir}")
-    work.mkdir(parents=True, exist_ok=True)
-    built = build_engines(onnx_files, build_cfg, target, work)
-    timed = benchmark_engines(work, built, BenchmarkConfig(batch_sizes=args.batch_sizes, warmup_ms=int(args.warmup * 1000),
-                                                           duration_s=max(1, round(args.duration))), work)
-    rows = [{"variant": f"tensorrt-{r['variant']}", **{k.removeprefix("latency_"): v for k, v in r.items() if k != "variant"}}
-            for r in timed["rows"]]
-    return rows, {"target": built["target"], "engines": built["engines"], "skipped": timed["skipped"]}
+    rows, meta = [], {"target": target.model_dump(), "engines": {}, "skipped": {}}
+    for variant in ("fp16", "fp8"):
+        files = {p.stem: p.name for p in sorted(onnx_dir.glob(f"{variant}_*.onnx"))}
+        if not files:
+            continue
+        repaired = ArtifactRef(stage="surgery", path=str(onnx_dir), digest=variant, files=files, meta={"variant": variant})
+        out = work / variant
+        out.mkdir(parents=True, exist_ok=True)
+        built = build(repaired, build_cfg, target, out)
+        if built.skip_reason:
+            meta["skipped"][variant] = built.skip_reason
+            continue
+        meta["engines"].update(built.meta["engines"])
+        ref = ArtifactRef(stage="build", path=str(out), digest=variant, files=built.files, meta=built.meta)
+        timed, skipped = time_built_engines(ref, target, bench_cfg, out)
+        meta["skipped"].update(skipped)
+        rows += [{"variant": f"tensorrt-{r['variant']}", **{k.removeprefix("latency_"): v for k, v in r.items() if k != "variant"}}
+                 for r in timed]
+    return rows, meta
 
 
 def main() -> None:

@@ -64,16 +64,42 @@ def download_dir(uri: str, local: Path) -> Path:
         files = json.loads(fs.cat_file(f"{base}/{COMPLETE}"))["files"]
     except FileNotFoundError:
         raise FileNotFoundError(f"artifact '{uri}' is missing or incomplete (no {COMPLETE}); re-run to rebuild it") from None
-    local.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local.parent / f".tmp-{local.name[:16]}-{uuid.uuid4().hex}"
-    for rel in files:
-        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        fs.get_file(f"{base}/{rel}", str(tmp / rel))
-    if local.exists():  # a concurrent reader on this host finished first
-        shutil.rmtree(tmp)
-    else:
-        os.replace(tmp, local)
+    with atomic_directory(local, keep_existing=True) as tmp:  # a concurrent reader on this host may finish first
+        for rel in files:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(f"{base}/{rel}", str(tmp / rel))
     return local
+
+
+@contextmanager
+def atomic_directory(final: Path, keep_existing: bool = False) -> Iterator[Path]:
+    """Yield an empty private directory beside ``final``; on success it becomes ``final`` in one rename,
+    on any error it is removed. ``final`` that already exists is replaced (same key, same content), or
+    kept when ``keep_existing``."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name[:16]}-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        if keep_existing:
+            shutil.rmtree(tmp)
+            return
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write a file so that readers see the old content or the new, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
 
 
 def sha256_file(path: Path) -> str:
@@ -131,19 +157,7 @@ class ArtifactRef(BaseModel):
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str))
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2, default=str))
 
 
 class ArtifactStore:
@@ -161,16 +175,6 @@ class ArtifactStore:
             self.root = cache_base() / "stores" / hashlib.sha256(self.url.encode()).hexdigest()[:16]
         else:
             self.root = Path(str(root).removeprefix("file://"))
-
-    def result_storage(self):
-        """Prefect result storage: a local path, or a saved RemoteFileSystem block (Prefect requires it saved)."""
-        if not self.remote:
-            return self.results.resolve()
-        from prefect.filesystems import RemoteFileSystem
-
-        name = f"clip-fp8-results-{hashlib.sha256(self.url.encode()).hexdigest()[:12]}"
-        RemoteFileSystem(basepath=f"{self.url}/prefect-results").save(name, overwrite=True)
-        return f"remote-file-system/{name}"
 
     def upload_run(self, run_dir: Path) -> str | None:
         """Copy a run's report files to the shared store; return where they went."""
@@ -190,28 +194,15 @@ class ArtifactStore:
 
     @property
     def results(self) -> Path:
-        """Prefect result and cache-key storage: lives beside the artifacts it points to."""
+        """Where Prefect's result and cache records live: beside the artifacts they point to."""
         return self.root / "prefect-results"
 
     def final_dir(self, stage: str, key: str) -> Path:
         return self.objects / stage / key
 
-    @contextmanager
-    def staging(self, stage: str, key: str) -> Iterator[Path]:
-        """Yield an empty private directory; on success it becomes ``final_dir(stage, key)``."""
-        final = self.final_dir(stage, key)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".tmp-{key[:16]}-{uuid.uuid4().hex}"
-        tmp.mkdir()
-        try:
-            yield tmp
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if final.exists():
-            # Same key means same inputs: an earlier (or concurrent) run already published it.
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+    def staging(self, stage: str, key: str):
+        """An empty private directory that becomes ``final_dir(stage, key)`` on success (see ``atomic_directory``)."""
+        return atomic_directory(self.final_dir(stage, key))
 
     def publish(self, stage: str, key: str, files: dict[str, str], meta: dict[str, Any] | None = None) -> ArtifactRef:
         """Reference a published directory; ``files`` names its entries (files or folders) for consumers."""

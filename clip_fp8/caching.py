@@ -1,49 +1,62 @@
-"""The project's Prefect cache policy: keys from content and settings, never paths, timestamps or run ids.
+"""Cache keys from content, settings, code and libraries; never paths, timestamps or run ids.
 
-Prefect's default policy includes the flow run id, so nothing is reused across runs. ``ContentPolicy``
-keys a task on:
+Prefect's default policy includes the flow run id, so nothing is reused across runs. A stage's key
+(``stage_key``) hashes:
 - each input's content: ``ArtifactRef``s by digest (not path), pydantic sections by their settings
   (locator fields such as a model path excluded: their content arrives as a ref; execution fields such
   as a worker count excluded: they change how fast, not what);
-- the source of the module that holds the stage's logic, plus the shared modules it builds on;
-- the versions of the libraries that shape the result (torch, transformers, ModelOpt, onnx, ...).
+- the source of every project module the stage's module imports, directly or through other project
+  modules, function-local imports included: found by reading the import statements
+  (``clip_fp8.imports.import_closure``), so no list of modules per stage can drift from the code;
+- the versions of the distributions those modules import (torch, transformers, ModelOpt, onnx, ...),
+  found the same way, so a library upgrade re-keys exactly the stages that use it.
 Inputs of type ``ArtifactStore`` (where to write) are ignored.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
-import inspect
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
-from prefect.cache_policies import CachePolicy
 from pydantic import BaseModel
 
 from clip_fp8.artifacts import ArtifactStore, sha256_json
-
-# Modules every stage builds on; a change in one of them re-keys every stage.
-_SHARED_MODULES = ("clip_fp8.artifacts", "clip_fp8.encoders", "clip_fp8.errors")
-LIBRARIES = ("torch", "transformers", "nvidia-modelopt", "onnx", "onnxruntime", "open_clip_torch", "clip-benchmark")
+from clip_fp8.imports import import_closure
 
 
-def library_versions() -> dict[str, str]:
-    versions = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "absent"
-    return versions
+@functools.cache
+def _distributions() -> Mapping[str, list[str]]:
+    return importlib.metadata.packages_distributions()
 
 
-def module_digest(module_name: str) -> str:
-    import importlib
+@functools.cache
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
 
-    source = inspect.getsource(importlib.import_module(module_name))
-    return hashlib.sha256(source.encode()).hexdigest()
+
+def library_versions(import_names: set[str]) -> dict[str, str]:
+    """Distribution -> version for top-level import names (e.g. modelopt -> nvidia-modelopt 0.47.0);
+    a name nothing installed provides (an optional TensorRT) is recorded as absent."""
+    return {dist: _version(dist) for name in sorted(import_names) for dist in _distributions().get(name, []) or [name]}
+
+
+def code_identity(module: str, sources: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """What a stage's code is: digests of its project modules and versions of the libraries they import."""
+    modules, external = import_closure(module, sources)
+    return {"code": {m: hashlib.sha256(src.encode()).hexdigest() for m, src in modules.items()},
+            "libraries": library_versions(external)}
+
+
+@functools.cache
+def _cached_identity(module: str) -> str:
+    # Source files do not change under a running process (a deployment re-imports per flow run).
+    return sha256_json(code_identity(module))
 
 
 def canonical(value: Any) -> Any:
@@ -62,22 +75,13 @@ def canonical(value: Any) -> Any:
     return value
 
 
-@dataclass
-class ContentPolicy(CachePolicy):
-    """Cache key = stage name + logic-module source + library versions + canonical inputs."""
+def stage_key(fn: Callable, inputs: dict[str, Any]) -> str:
+    """The cache key of running stage ``fn`` on ``inputs``."""
+    from clip_fp8.stage import stage_name
 
-    logic_module: str = ""
-    extra_modules: tuple[str, ...] = field(default_factory=tuple)
-
-    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str:
-        return stage_key(task_ctx.task.name, self.logic_module, self.extra_modules, inputs)
-
-
-def stage_key(stage: str, logic_module: str, extra_modules: tuple[str, ...], inputs: dict[str, Any]) -> str:
-    payload = {
-        "stage": stage,
-        "code": {m: module_digest(m) for m in (logic_module, *extra_modules, *_SHARED_MODULES) if m},
-        "libraries": library_versions(),
+    return sha256_json({
+        "stage": stage_name(fn),
+        "code": _cached_identity(fn.__module__),
         "inputs": {k: canonical(v) for k, v in sorted(inputs.items()) if not isinstance(v, ArtifactStore)},
-    }
-    return sha256_json(payload)
+    })
+

@@ -200,9 +200,20 @@ class PipelineConfig(Section):
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text) or {}
+            try:
+                data = yaml.safe_load(text) or {}
+            except yaml.YAMLError as exc:  # one line: the file, the position, what the parser saw
+                mark = getattr(exc, "problem_mark", None)
+                where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+                raise ValueError(f"config file {where}: {getattr(exc, 'problem', None) or exc} (YAML; indent with "
+                                 "spaces, not tabs)") from None
         else:
-            data = json.loads(text)
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"config file {path}:{exc.lineno}:{exc.colno}: {exc.msg} (JSON)") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path}: expected sections (model, calibration, ...), got {type(data).__name__}")
         return cls.model_validate(data)
 
     def with_overrides(self, assignments: list[str]) -> "PipelineConfig":

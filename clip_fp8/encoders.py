@@ -9,6 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from clip_fp8.clip import CLIP_FORWARD_LOCK
+
+
 
 def _features(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
@@ -64,7 +67,9 @@ class BenchmarkModel(nn.Module):
         self.dtype = next(model.parameters()).dtype
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return image_embeds(self.model, images.to(self.dtype)).float()
+        with CLIP_FORWARD_LOCK:
+            return image_embeds(self.model, images.to(self.dtype)).float()
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return text_embeds(self.model, input_ids).float()
+        with CLIP_FORWARD_LOCK:
+            return text_embeds(self.model, input_ids).float()

@@ -1,24 +1,47 @@
-"""Errors that no retry can fix: bad input, failed audits, failed quality gates.
+"""The pipeline's named errors, and the one place that decides what a retry can fix.
 
-Stages raise these with one line that names the bad value and what to do; the Prefect tasks do not
-retry them (see ``flows.pipeline.retry_transient_only``), and the CLI prints the line and exits 2.
+Stages raise these with one line that names the bad value (or every failed check) and what to do.
+They are deterministic: running the same inputs again gives the same answer, so the Prefect layer
+never retries them (``is_transient``) and the CLI prints the line and exits 2. Errors that collect
+several failures keep them in ``failures`` and may carry markdown ``reports`` by name (the audit table,
+the gate table) that the Prefect layer publishes before the run stops, so the UI shows why.
 """
 
+from __future__ import annotations
 
-class PipelineInputError(ValueError):
+
+class PipelineError(Exception):
+    """A deterministic failure: the same inputs fail the same way."""
+
+    def __init__(self, message: str, failures: list[str] | None = None, reports: dict[str, str] | None = None):
+        super().__init__(message)
+        self.failures = list(failures or [])
+        self.reports = dict(reports or {})
+
+
+class PipelineInputError(PipelineError, ValueError):
     """A user-supplied value (path, id, pattern, size) cannot work."""
 
 
-class AuditError(RuntimeError):
+class AuditError(PipelineError):
     """Quantization coverage differs from what the configuration asked for."""
 
 
-class QualityGateError(RuntimeError):
+class QualityGateError(PipelineError):
     """FP8 costs more quality than the gate allows."""
 
 
-class ValidationError(RuntimeError):
+class ValidationError(PipelineError):
     """An exported graph failed its numeric check or the strongly typed pre-flight."""
 
 
-DETERMINISTIC_ERRORS = (PipelineInputError, AuditError, QualityGateError, ValidationError)
+def collected(error: type[PipelineError], what: str, failures: list[str], reports: dict[str, str] | None = None,
+              shown: int = 5) -> PipelineError:
+    """One error naming every failure (the first ``shown`` in its message, all in ``failures``)."""
+    more = f" (+{len(failures) - shown} more)" if len(failures) > shown else ""
+    return error(f"{what}: " + "; ".join(failures[:shown]) + more, failures=failures, reports=reports)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth a retry: I/O hiccups, a flaky GPU, a killed worker. Never bad input, audits, gates, checks."""
+    return not isinstance(exc, (PipelineError, KeyboardInterrupt, SystemExit))

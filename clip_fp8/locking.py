@@ -18,13 +18,14 @@ from __future__ import annotations
 import json
 import os
 import threading
-import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
 from prefect.locking.filesystem import FileSystemLockManager
 from prefect.types._datetime import now
+
+from clip_fp8.artifacts import atomic_write
 
 LEASE_ENV = "CLIP_FP8_LOCK_LEASE_S"
 DEFAULT_LEASE_S = 30.0
@@ -70,9 +71,8 @@ class LeasedFileLockManager(FileSystemLockManager):
                 if current.get("holder") != holder:
                     return
                 expiration = now("UTC") + timedelta(seconds=self.lease_seconds)
-                tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-                tmp.write_text(json.dumps({"holder": holder, "expiration": str(expiration)}))
-                os.replace(tmp, path)  # readers see the old lease or the new one, never a torn file
+                # Readers see the old lease or the new one, never a torn file.
+                atomic_write(path, json.dumps({"holder": holder, "expiration": str(expiration)}))
                 if key in self._locks:
                     self._locks[key]["expiration"] = expiration
 

@@ -17,7 +17,7 @@ import asyncio
 from pathlib import Path
 
 from clip_fp8.config import PipelineConfig
-from tasks.engines import gpu_limit_name
+from clip_fp8.tasks.tensorrt import gpu_info, gpu_limit_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENTRYPOINT = "flows/pipeline.py:clip_fp8_pipeline"
@@ -70,8 +70,6 @@ def deploy_all(work_pool: str = "gpu", nightly_cron: str = "0 2 * * *", timezone
     """Create or update everything; return deployment name -> id."""
     from prefect import flow
     from prefect.schedules import Cron
-
-    from tasks.engines import gpu_info
 
     asyncio.run(ensure_work_pool(work_pool))
     local_gpu, _ = gpu_info()

@@ -1,157 +1,232 @@
-"""The clip-fp8 DAG: calibration -> baseline -> quantize -> audit -> evaluate -> export -> surgery -> build -> benchmark -> report.
+"""The clip-fp8 DAG, run by Prefect as a DAG: independent branches at the same time.
 
-The flow's one parameter is ``PipelineConfig``, so the Prefect UI renders its sections, defaults and
-descriptions as the run form. Each stage is a cached Prefect task (``tasks.stages``); the flow only
-wires refs between them, times them, and always writes the report, also when a stage fails.
+    calibration_data ──► quantize ──► audit ──┬──► evaluate
+                                              └──► export[fp8] ──► surgery[fp8] ──► build[fp8] ──┐
+    baseline_model                                                                               ├──► benchmark
+    export[fp16] ──► surgery[fp16] ──► build[fp16] ──────────────────────────────────────────────┘
+
+The FP16 branch depends on the model alone: it starts at once and is served from the cache when only
+calibration changes. Locators (model, data, evaluation sets, build target) are resolved before any stage
+starts, so a path that does not exist stops the run at once. A stage that fails stops only what depends
+on it; the other branches finish, the report shows every stage, and then the run fails with the first
+failure. The flow's one parameter is ``PipelineConfig``, so the Prefect UI renders its sections,
+defaults and descriptions as the run form.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import allow_failure, flow
 from prefect.artifacts import create_markdown_artifact
+from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
 
-from clip_fp8.artifacts import ArtifactRef, ArtifactStore, write_json_atomic, write_text_atomic
+from clip_fp8.artifacts import ArtifactRef, ArtifactStore, atomic_write, write_json_atomic
 from clip_fp8.config import PipelineConfig
-from clip_fp8.locking import LeasedFileLockManager
-from tasks import stages
-from tasks.calibration import resolve_data_source
-from tasks.engines import resolve_target
-from tasks.evaluate import resolve_eval_source
-from tasks.model import resolve_model_source
-from tasks.report import plot_benchmark, render_markdown
+from clip_fp8.flows.report import plot_benchmark, render_markdown
+from clip_fp8.flows.stage_task import EXECUTIONS, stage_results, stage_task
+from clip_fp8.stage import reports_of
+from clip_fp8.tasks.audit import audit
+from clip_fp8.tasks.baseline_model import baseline_model
+from clip_fp8.tasks.benchmark import benchmark
+from clip_fp8.tasks.build import build
+from clip_fp8.tasks.calibration_data import calibration_data
+from clip_fp8.tasks.calibration_sources import resolve_data_source
+from clip_fp8.tasks.checkpoints import resolve_model_source
+from clip_fp8.tasks.eval_datasets import resolve_eval_source
+from clip_fp8.tasks.evaluate import evaluate
+from clip_fp8.tasks.export import export
+from clip_fp8.tasks.quantize import quantize
+from clip_fp8.tasks.surgery import surgery
+from clip_fp8.tasks.tensorrt import gpu_limit_name, resolve_target
 
-STAGES = ("calibration_data", "baseline_model", "quantize", "audit", "evaluate", "export", "surgery", "build", "benchmark")
+calibration_data_task = stage_task(calibration_data, retries=2)
+baseline_model_task = stage_task(baseline_model, retries=2)
+quantize_task = stage_task(quantize, retries=1)
+audit_task = stage_task(audit)
+evaluate_task = stage_task(evaluate, retries=1)
+export_task = stage_task(export, retries=1)
+surgery_task = stage_task(surgery)
+build_task = stage_task(build, retries=2, timeout_seconds=3600)
+# One benchmark per GPU type at a time (the limit `clip-fp8 deploy` creates).
+benchmark_task = stage_task(benchmark, retries=2, timeout_seconds=3600,
+                            limit=lambda inputs: None if inputs["target"].unavailable else gpu_limit_name(inputs["target"].gpu))
 
 
-class StageRunner:
-    """Runs stage tasks against one store, recording status, seconds and cache hits for the report."""
+@flow(name="clip-fp8", log_prints=True, validate_parameters=True, task_runner=ThreadPoolTaskRunner(max_workers=8))
+def clip_fp8_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
+    """Quantize a CLIP checkpoint to FP8, check it, export and repair its encoders, build and time engines."""
+    store = ArtifactStore(config.output.root)
+    run = RunRecord(store, config)
+    try:
+        model_source = resolve_model_source(config.model)
+        data_source = resolve_data_source(config.calibration)
+        eval_source = resolve_eval_source(config.evaluation)
+        target = resolve_target(config.build)
+        m, x = config.model, config.export
+        with stage_results(store):
+            s: dict[str, PrefectFuture] = {}
+            s["calibration_data"] = calibration_data_task.submit(data_source, config.calibration, store=store)
+            s["baseline_model"] = baseline_model_task.submit(model_source, m, store=store)
+            s["export_fp16"] = export_task.submit("fp16", model_source, None, m, x, store=store)
+            s["surgery_fp16"] = surgery_task.submit("fp16", s["export_fp16"], model_source, None, None, None, m, x,
+                                                    config.build, store=store)
+            s["build_fp16"] = build_task.submit(s["surgery_fp16"], config.build, target, store=store)
+            s["quantize"] = quantize_task.submit(model_source, s["calibration_data"], data_source, m, config.calibration,
+                                                 config.quantization, store=store)
+            s["audit"] = audit_task.submit(s["quantize"], config.quantization, store=store)
+            s["evaluate"] = evaluate_task.submit(model_source, s["quantize"], eval_source, m, config.evaluation,
+                                                 store=store, wait_for=[s["audit"]])
+            s["export_fp8"] = export_task.submit("fp8", model_source, s["quantize"], m, x, store=store, wait_for=[s["audit"]])
+            s["surgery_fp8"] = surgery_task.submit("fp8", s["export_fp8"], model_source, s["quantize"],
+                                                   s["calibration_data"], data_source, m, x, config.build, store=store)
+            s["build_fp8"] = build_task.submit(s["surgery_fp8"], config.build, target, store=store)
+            # Timed alone: nothing else of this run may share the GPU while it measures.
+            s["benchmark"] = benchmark_task.submit([s["build_fp16"], s["build_fp8"]], model_source, m, config.benchmark,
+                                                   target, store=store, wait_for=[allow_failure(f) for f in s.values()])
+            run.settle(s)
+    except BaseException as exc:
+        run.fail(exc)
+        raise
+    finally:
+        run.write()
+    run.raise_first_failure()
+    return run.public_summary()
 
-    def __init__(self, store: ArtifactStore):
-        # Cache records live beside the artifacts: a local path, or a RemoteFileSystem block for a URL store.
-        self.storage = store.result_storage()
-        # SERIALIZABLE + a leased lock per cache key: of two runs that need the same artifact at once,
-        # one computes it and the other waits, then reads it from the cache; a killed holder's lock expires.
-        self.lock_manager = LeasedFileLockManager(store.root.resolve() / "locks")
-        self.records: dict[str, dict[str, Any]] = {name: {"status": "not run", "seconds": 0.0} for name in STAGES}
 
-    def run(self, name: str, prepare=None, **inputs) -> ArtifactRef:
-        t0 = time.perf_counter()
-        try:
-            if prepare is not None:  # resolving a locator belongs to the stage that consumes it
-                inputs.update(prepare())
-            task = getattr(stages, name)
-            task = task.with_options(result_storage=self.storage, cache_policy=task.cache_policy.configure(
-                lock_manager=self.lock_manager, isolation_level="SERIALIZABLE"))
-            state = task(**inputs, return_state=True)
-            result = state.result()  # raises the stage's exception if it failed
-        except BaseException as exc:
-            self.records[name] = {"status": "failed", "seconds": time.perf_counter() - t0, "note": _one_line(exc)}
-            raise
-        status = "cached" if state.name == "Cached" else "completed"
-        if "skip_reason" in result.meta:
-            status = "skipped"
-        self.records[name] = {"status": status, "seconds": time.perf_counter() - t0,
-                              "note": result.meta.get("skip_reason", "")}
-        return result
+class RunRecord:
+    """What a run did, stage by stage, and the report, summary and run folder that say so."""
+
+    def __init__(self, store: ArtifactStore, config: PipelineConfig):
+        self.store = store
+        self.started = time.time()
+        name = config.output.run_name or (
+            f"{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}-{flow_run.get_name() or 'local'}")
+        self.dir = store.root / "runs" / name
+        self.refs: dict[str, ArtifactRef] = {}
+        self.failures: list[tuple[str, BaseException]] = []
+        self.summary: dict[str, Any] = {
+            "run": name, "flow_run_id": str(flow_run.get_id() or ""), "config": config.model_dump(mode="json"),
+            "status": "running", "promotable": False, "stages": {}, "metrics": {}, "artifacts": {}}
+
+    def settle(self, futures: dict[str, PrefectFuture]) -> None:
+        """Wait for every stage, then record each one's outcome (a failed one does not stop the others)."""
+        wait(list(futures.values()))
+        for label, future in futures.items():
+            state = future.state
+            record: dict[str, Any] = {"status": "not run", "seconds": 0.0}
+            if execution := EXECUTIONS.get(str(future.task_run_id)):
+                start, end = execution
+                record.update(seconds=end - start, start_s=start - self.started, end_s=end - self.started)
+            if state.is_completed():
+                ref = state.result()
+                self.refs[label] = ref
+                record["status"] = "skipped" if "skip_reason" in ref.meta else "cached" if state.name == "Cached" else "completed"
+                record["note"] = ref.meta.get("skip_reason") or ref.meta.get("note", "")
+            elif state.is_failed() or state.is_crashed():
+                exc = state.result(raise_on_failure=False)
+                exc = exc if isinstance(exc, BaseException) else RuntimeError(str(state.message))
+                self.failures.append((label, exc))
+                record.update(status="failed", note=_one_line(exc))
+            else:  # an input stage failed, so this one never started
+                record["note"] = "an earlier stage it needs did not complete"
+            self.summary["stages"][label] = record
+        self._collect()
+        if not self.failures:
+            self.summary["status"] = "completed"
+
+    def _collect(self) -> None:
+        s, refs = self.summary, self.refs
+        if "baseline_model" in refs:
+            s["model"] = refs["baseline_model"].meta
+        if "quantize" in refs:
+            s["artifacts"]["checkpoint"] = refs["quantize"].location("checkpoint")
+        if "audit" in refs:
+            s["audit"] = refs["audit"].meta
+            s["audit_markdown"] = reports_of(refs["audit"]).get("quantization-audit", "")
+            s["artifacts"]["audit"] = refs["audit"].location("audit")
+        if "evaluate" in refs:
+            metrics = json.loads(refs["evaluate"].file("metrics").read_text())
+            s["metrics"] = {"baseline": metrics["baseline"], "fp8": metrics["fp8"]}
+            s["quality_gate"] = metrics["gate"]
+            s["metrics_markdown"] = reports_of(refs["evaluate"]).get("quality-gate", "")
+            s["artifacts"]["metrics"] = refs["evaluate"].location("metrics")
+            s["promotable"] = bool(metrics["promotable"])
+        for variant in ("fp16", "fp8"):
+            if f"export_{variant}" in refs:
+                s["artifacts"][f"raw_onnx_{variant}"] = refs[f"export_{variant}"].uri or refs[f"export_{variant}"].path
+            if f"surgery_{variant}" in refs:
+                ref = refs[f"surgery_{variant}"]
+                s.setdefault("onnx", {}).update(ref.meta["validation"])
+                s["artifacts"].update({f"onnx_{k}": ref.location(k) for k in ref.files if k.startswith(variant)})
+            if (built := refs.get(f"build_{variant}")) and "engines" in built.meta:
+                s.setdefault("engines", {"target": built.meta["target"], "engines": {}})["engines"].update(built.meta["engines"])
+        if (timed := refs.get("benchmark")) and timed.meta.get("rows"):
+            s["benchmark"] = timed.meta
+            self.dir.mkdir(parents=True, exist_ok=True)
+            png = plot_benchmark(timed.meta["rows"], self.dir / "benchmark.png")
+            s["benchmark_png"] = base64.b64encode(png).decode()
+            s["artifacts"]["benchmark_plot"] = str(self.dir / "benchmark.png")
+
+    def fail(self, exc: BaseException) -> None:
+        """A failure outside the stages: before any started, resolving the inputs (a locator that does not
+        exist), or while waiting (an interrupt)."""
+        label = "inputs" if not self.summary["stages"] else "(run)"
+        self.summary["stages"].setdefault(label, {"status": "failed", "seconds": time.time() - self.started,
+                                                  "note": _one_line(exc)})
+        self.failures.append((label, exc))
+
+    def raise_first_failure(self) -> None:
+        if self.failures:
+            raise self.failures[0][1]
+
+    def public_summary(self) -> dict:
+        return {k: v for k, v in self.summary.items() if not k.endswith(("_markdown", "_png"))}
+
+    def write(self) -> None:
+        """report.md, summary.json, links to every artifact (``artifacts/<stage>``) and ``runs/latest``."""
+        s = self.summary
+        if self.failures:
+            s["status"], s["error"] = "failed", _one_line(self.failures[0][1])
+            s["promotable"] = False
+        s["all_cached"] = s["status"] == "completed" and all(
+            r["status"] in ("cached", "skipped") for r in s["stages"].values())
+        s["artifacts"]["report"] = str(self.dir / "report.md")
+        s["artifacts"]["summary"] = str(self.dir / "summary.json")
+        markdown = render_markdown(s)
+        atomic_write(self.dir / "report.md", markdown)
+        write_json_atomic(self.dir / "summary.json", self.public_summary())
+        self._link_artifacts()
+        if self.store.remote:
+            print(f"report uploaded: {self.store.upload_run(self.dir)}/report.md")
+        create_markdown_artifact(key="clip-fp8-report", markdown=markdown, description=f"clip-fp8 run {self.dir.name}")
+        print(f"report: {self.dir / 'report.md'}")
+
+    def _link_artifacts(self) -> None:
+        """Relative links, so the run folder survives a move of the whole output root."""
+        links = self.dir / "artifacts"
+        links.mkdir(parents=True, exist_ok=True)
+        for label, ref in self.refs.items():
+            if Path(ref.path).is_dir():
+                _replace_symlink(links / label, os.path.relpath(ref.path, links))
+        _replace_symlink(self.dir.parent / "latest", self.dir.name)
+
+
+def _replace_symlink(link: Path, target: str) -> None:
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    os.replace(tmp, link)  # a reader sees the old link or the new one
 
 
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"
-
-
-def _run_name(config: PipelineConfig) -> str:
-    if config.output.run_name:
-        return config.output.run_name
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return f"{stamp}-{flow_run.get_name() or 'local'}"
-
-
-@flow(name="clip-fp8", log_prints=True, validate_parameters=True)
-def clip_fp8_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
-    """Quantize a CLIP checkpoint to FP8, check it, export and repair its encoders, build and time engines."""
-    store = ArtifactStore(config.output.root)
-    run_dir = store.root / "runs" / _run_name(config)
-    runner = StageRunner(store)
-    summary: dict[str, Any] = {"run": run_dir.name, "flow_run_id": str(flow_run.get_id() or ""),
-                               "config": config.model_dump(mode="json"), "status": "running", "promotable": False,
-                               "stages": runner.records, "metrics": {}, "artifacts": {}}
-    try:
-        data_source: dict[str, ArtifactRef] = {}
-        model_source: dict[str, ArtifactRef] = {}
-
-        def _data():
-            data_source["ref"] = resolve_data_source(config.calibration)
-            return {"data_source": data_source["ref"]}
-
-        def _model():
-            model_source["ref"] = resolve_model_source(config.model)
-            return {"model_source": model_source["ref"]}
-
-        calibration = runner.run("calibration_data", _data, cfg=config.calibration, store=store)
-        baseline = runner.run("baseline_model", _model, cfg=config.model, store=store)
-        summary["model"] = baseline.meta
-        quantized = runner.run("quantize", model_source=model_source["ref"], baseline=baseline, calibration=calibration,
-                               data_source=data_source["ref"], model_cfg=config.model, calib_cfg=config.calibration,
-                               cfg=config.quantization, store=store)
-        summary["artifacts"]["checkpoint"] = quantized.location("checkpoint")
-        audited = runner.run("audit", quantized=quantized, cfg=config.quantization, store=store)
-        summary["audit_markdown"] = audited.file("markdown").read_text()
-        summary["audit"] = audited.meta
-        summary["artifacts"]["audit"] = audited.location("audit")
-        evaluated = runner.run("evaluate", lambda: {"eval_source": resolve_eval_source(config.evaluation)},
-                               model_source=model_source["ref"], quantized=quantized, audit_ref=audited,
-                               model_cfg=config.model, cfg=config.evaluation, store=store)
-        metrics = json.loads(evaluated.file("metrics").read_text())
-        summary["metrics"] = {"baseline": metrics["baseline"], "fp8": metrics["fp8"]}
-        summary["quality_gate"] = metrics["gate"]
-        summary["metrics_markdown"] = evaluated.file("markdown").read_text()
-        summary["artifacts"]["metrics"] = evaluated.location("metrics")
-        exported = runner.run("export", model_source=model_source["ref"], quantized=quantized, model_cfg=config.model,
-                              cfg=config.export, store=store)
-        summary["artifacts"]["raw_onnx"] = exported.uri or exported.path
-        repaired = runner.run("surgery", model_source=model_source["ref"], quantized=quantized, exported=exported,
-                              calibration=calibration, data_source=data_source["ref"], model_cfg=config.model,
-                              cfg=config.export, build_cfg=config.build, store=store)
-        summary["onnx"] = repaired.meta["validation"]
-        summary["artifacts"].update({f"onnx_{k}": repaired.location(k) for k in repaired.files if k != "validation"})
-        resolved, _ = resolve_target(config.build)
-        target = resolved.key() if resolved else "none"
-        engines = runner.run("build", repaired=repaired, cfg=config.build, target=target, store=store)
-        if "engines" in engines.meta:
-            summary["engines"] = engines.meta
-        timed = runner.run("benchmark", engines=engines, model_source=model_source["ref"], model_cfg=config.model,
-                           cfg=config.benchmark, target=target, store=store)
-        if timed.meta.get("rows"):
-            summary["benchmark"] = timed.meta
-            run_dir.mkdir(parents=True, exist_ok=True)
-            png = plot_benchmark(timed.meta["rows"], run_dir / "benchmark.png")
-            summary["benchmark_png"] = base64.b64encode(png).decode()
-            summary["artifacts"]["benchmark_plot"] = str(run_dir / "benchmark.png")
-        summary["status"] = "completed"
-        summary["promotable"] = bool(metrics["promotable"])
-    except BaseException as exc:
-        summary["status"] = "failed"
-        summary["error"] = _one_line(exc)
-        raise
-    finally:
-        summary["all_cached"] = all(r["status"] in ("cached", "skipped") for r in runner.records.values()) \
-            and summary["status"] == "completed"
-        markdown = render_markdown(summary)
-        summary["artifacts"]["report"] = str(run_dir / "report.md")
-        summary["artifacts"]["summary"] = str(run_dir / "summary.json")
-        write_text_atomic(run_dir / "report.md", markdown)
-        write_json_atomic(run_dir / "summary.json", {k: v for k, v in summary.items() if not k.endswith(("_markdown", "_png"))})
-        if store.remote:
-            print(f"report uploaded: {store.upload_run(run_dir)}/report.md")
-        create_markdown_artifact(key="clip-fp8-report", markdown=markdown, description=f"clip-fp8 run {run_dir.name}")
-        print(f"report: {run_dir / 'report.md'}")
-    return {k: v for k, v in summary.items() if not k.endswith(("_markdown", "_png"))}

@@ -1,4 +1,4 @@
-"""Audit: what was really quantized, reviewed like a security policy rather than trusted.
+"""Stage audit: what was really quantized, reviewed like a security policy rather than trusted.
 
 Input is the quantizer table ``quantize`` wrote. The audit lists every module with quantizers, what
 is enabled, each amax, what was excluded and by which rule, and fails when coverage differs from
@@ -11,10 +11,14 @@ from __future__ import annotations
 import fnmatch
 from collections import defaultdict
 
-from clip_fp8.config import QuantizationConfig
-from clip_fp8.errors import AuditError
+import json
+from pathlib import Path
 
-ATTENTION_QUANTIZERS = ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer")
+from clip_fp8.artifacts import ArtifactRef
+from clip_fp8.config import QuantizationConfig
+from clip_fp8.errors import AuditError, collected
+from clip_fp8.stage import StageOutput
+from clip_fp8.tasks.quantizer_names import ATTENTION_QUANTIZERS
 
 
 def _tower(module: str) -> str:
@@ -42,8 +46,8 @@ def _exclusion_reason(row: dict, cfg: QuantizationConfig) -> str | None:
     return None
 
 
-def audit(rows: list[dict], cfg: QuantizationConfig) -> dict:
-    """Summarise coverage per module and tower; raise ``AuditError`` listing every gap."""
+def coverage(rows: list[dict], cfg: QuantizationConfig) -> dict:
+    """Coverage per module and tower from the quantizer table, and every gap found (``problems``)."""
     by_module: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         by_module[row["module"]].append(row)
@@ -121,3 +125,15 @@ def audit_markdown(summary: dict) -> str:
                             for q, a in sorted(m["enabled"].items())) or "—"
         lines.append(f"| `{m['module']}` | {m['class']} | {enabled} | {'; '.join(m['excluded']) or '—'} |")
     return "\n".join(lines) + "\n"
+
+
+def audit(quantized: ArtifactRef, cfg: QuantizationConfig, out_dir: Path) -> StageOutput:
+    """Review the quantizer table; raise ``AuditError`` naming every gap (the table goes to the UI either way)."""
+    summary = coverage(json.loads(quantized.file("quantizers").read_text()), cfg)
+    reports = {"quantization-audit": audit_markdown(summary)}
+    if not summary["passed"]:
+        raise collected(AuditError, "quantization audit failed", summary["problems"], reports)
+    (out_dir / "audit.json").write_text(json.dumps(summary, indent=1))
+    return StageOutput(files={"audit": "audit.json"}, reports=reports,
+                       meta={"towers": summary["towers"], "quantizers_enabled": summary["quantizers_enabled"],
+                             "quantizers_total": summary["quantizers_total"]})

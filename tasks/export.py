@@ -1,50 +1,59 @@
-"""ONNX export of the text and image encoders: FP8 (from the ModelOpt checkpoint) and the FP16 baseline.
+"""Stage export: ONNX graphs of the text and image encoders of one variant, FP16 (the baseline) or FP8.
 
-Both go through ModelOpt's ``get_onnx_bytes_and_metadata`` with ``weights_dtype="fp16"``: FP16
-compute, FP8 Q/DQ around every quantized op with weights stored in FP8 (DQ-only chains), dynamic
-batch axis. The baseline takes the same path so the engines compare like with like. Outputs are the
-raw exports; ``surgery`` makes them buildable. The graph output ``out`` is renamed to
-``text_embeds``/``image_embeds`` so serving code binds by meaning.
+Both variants go through ModelOpt's ``get_onnx_bytes_and_metadata`` with ``weights_dtype="fp16"``:
+FP16 compute, for FP8 Q/DQ around every quantized op with weights stored in FP8 (DQ-only chains),
+dynamic batch axis; the baseline takes the same path so the engines compare like with like. The
+variants are separate stage runs: the FP16 graphs depend on the model alone, so new calibration data
+re-exports only the FP8 ones. Outputs are the raw exports; ``surgery`` makes them buildable. The graph
+output ``out`` is renamed to ``text_embeds``/``image_embeds`` so serving code binds by meaning.
+
+An export is a traced forward, and two process-global switches are set while it runs: torch.onnx's
+"exporting" flag (which every fake-quant forward in the process reads) and ModelOpt's patched attention
+function (see ``clip_fp8.clip.CLIP_FORWARD_LOCK``). A small model exports in this process holding
+that lock, so no other stage's forward sees either; a large one exports each graph in a spawned process
+of its own, where it runs beside the other stages instead of waiting for them.
 """
 
 from __future__ import annotations
 
+import json
+import multiprocessing
 import os
-import shutil
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import Literal
 
-import onnx
-
+from clip_fp8.artifacts import ArtifactRef
+from clip_fp8.clip import CLIP_FORWARD_LOCK
 from clip_fp8.config import ExportConfig, ModelConfig
-from clip_fp8.encoders import ImageEncoder, TextEncoder
+from clip_fp8.errors import PipelineInputError
+from clip_fp8.stage import StageOutput
+from clip_fp8.tasks.checkpoints import load_variant
 
 VARIANTS = ("fp16", "fp8")
 ENCODERS = ("text", "image")
-
-
-def rename_output(model: onnx.ModelProto, new_name: str) -> None:
-    from tasks.surgery import rename_tensor
-
-    rename_tensor(model, model.graph.output[0].name, new_name)
+Variant = Literal["fp16", "fp8"]
 
 
 def export_encoder(encoder, dummy, path: Path, opset: int) -> int:
     """Export one encoder wrapper to ``path``; return the file size in bytes."""
+    import onnx
     from modelopt.torch._deploy.utils import OnnxBytes, get_onnx_bytes_and_metadata
+
+    from clip_fp8.tasks.onnx_passes import rename_tensor
 
     onnx_bytes, _ = get_onnx_bytes_and_metadata(
         model=encoder, dummy_input=(dummy,), model_name=path.stem,
         dynamic_axes={encoder.input_name: {0: "batch"}, "out": {0: "batch"}},
         onnx_opset=opset, weights_dtype="fp16",
     )
-    staged = path.parent / f".{path.stem}.export"
-    OnnxBytes.from_bytes(onnx_bytes).write_to_disk(str(staged), clean_dir=True)
-    model = onnx.load(str(staged / f"{path.stem}.onnx"))
-    rename_output(model, encoder.output_name)
+    with tempfile.TemporaryDirectory(prefix="clip-fp8-export-") as scratch:  # ModelOpt writes a folder
+        OnnxBytes.from_bytes(onnx_bytes).write_to_disk(scratch, clean_dir=True)
+        model = onnx.load(str(Path(scratch) / f"{path.stem}.onnx"))
+    rename_tensor(model, model.graph.output[0].name, encoder.output_name)
     onnx.save(model, str(path))
-    for leftover in staged.iterdir():
-        leftover.unlink()
-    staged.rmdir()
     return path.stat().st_size
 
 
@@ -60,24 +69,22 @@ def dummy_inputs(model, batch: int):
     return {"text": ids, "image": pixels}
 
 
-def _load(variant: str, baseline_path: str, checkpoint: str, model_cfg: ModelConfig):
-    from tasks.model import load_clip
-    from tasks.quantize import load_quantized
-
-    return load_clip(baseline_path, model_cfg) if variant == "fp16" else load_quantized(checkpoint, model_cfg)
-
-
-def _export_one(variant: str, encoder_name: str, baseline_path: str, checkpoint: str, model_cfg: ModelConfig,
-                cfg: ExportConfig, out_dir: Path) -> tuple[str, int]:
-    """One graph in a worker process: load its model, export it (the dummy input is seeded: same in any order)."""
+def export_graphs(variant: str, encoders: tuple[str, ...], baseline_path: str, checkpoint: str | None,
+                  model_cfg: ModelConfig, cfg: ExportConfig, out_dir: Path) -> dict[str, int]:
+    """Load the variant's model once and export the given encoders (seeded dummy inputs)."""
     import torch
 
-    model = _load(variant, baseline_path, checkpoint, model_cfg)
-    torch.manual_seed(0)
-    dummies = dummy_inputs(model, cfg.export_batch_size)
-    wrapper = TextEncoder(model) if encoder_name == "text" else ImageEncoder(model)
-    name = f"{variant}_{encoder_name}.onnx"
-    return name, export_encoder(wrapper.eval(), dummies[encoder_name], out_dir / name, cfg.opset)
+    from clip_fp8.encoders import ImageEncoder, TextEncoder
+
+    model = load_variant(variant, baseline_path, checkpoint, model_cfg)
+    sizes = {}
+    for encoder_name in encoders:
+        torch.manual_seed(0)
+        dummy = dummy_inputs(model, cfg.export_batch_size)[encoder_name]
+        wrapper = TextEncoder(model) if encoder_name == "text" else ImageEncoder(model)
+        name = f"{variant}_{encoder_name}.onnx"
+        sizes[name] = export_encoder(wrapper.eval(), dummy, out_dir / name, cfg.opset)
+    return sizes
 
 
 # Peak host memory of one export process, in multiples of the model's FP32 weights (the model, the
@@ -94,59 +101,66 @@ def available_memory_bytes() -> int:
 
 
 def export_workers(cfg: ExportConfig, parameters: int, memory: int | None = None, cpus: int | None = None) -> int:
-    """``export.workers``, or for 0: 4 for models over 50 M parameters, as many as CPUs and memory allow."""
+    """``export.workers``, or for 0: one process per graph (2) for models over 50 M parameters, as CPUs and
+    memory allow; 1 (in this process) for a small model, where a process's start-up outweighs its export."""
     if cfg.workers:
-        return cfg.workers
+        return min(cfg.workers, len(ENCODERS))
     if parameters <= 50_000_000:
         return 1
     memory = available_memory_bytes() if memory is None else memory
     cpus = (os.cpu_count() or 1) if cpus is None else cpus
     by_memory = memory // (EXPORT_RSS_PER_FP32_WEIGHT * 4 * parameters)
-    return int(max(1, min(4, cpus, by_memory)))
+    return int(max(1, min(len(ENCODERS), cpus, by_memory)))
 
 
-def export_all(baseline_path: str, checkpoint: str, model_cfg: ModelConfig, cfg: ExportConfig, out_dir: Path) -> dict[str, int]:
-    """Write ``{fp16,fp8}_{text,image}.onnx`` into ``out_dir``; return their sizes.
+def _parameters(model_path: str) -> int:
+    """~12 h^2 weights per transformer layer, summed over both towers: no need to load the model to decide."""
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    return sum(12 * c.get("hidden_size", 0) ** 2 * c.get("num_hidden_layers", 0)
+               for c in (config.get("text_config", {}), config.get("vision_config", {})))
 
-    ModelOpt's export (tracing, shape inference, weight compression, protobuf serialisation) is
-    single-threaded Python: at ViT-L/14 size the four graphs take ~3 minutes one after another, so
-    large models export them in parallel processes (``export.workers``).
-    """
-    import json
 
+def export(variant: Variant, model_source: ArtifactRef, quantized: ArtifactRef | None, model_cfg: ModelConfig,
+           cfg: ExportConfig, out_dir: Path) -> StageOutput:
+    """Write ``<variant>_{text,image}.onnx`` into ``out_dir``; ``quantized`` is the FP8 checkpoint (None for fp16)."""
+    if (variant == "fp8") != (quantized is not None):
+        raise PipelineInputError(f"export variant '{variant}' {'needs' if variant == 'fp8' else 'takes no'} quantized checkpoint")
+    checkpoint = str(quantized.file("checkpoint")) if quantized is not None else None
+    workers = export_workers(cfg, _parameters(model_source.path))
+    if workers == 1:
+        with CLIP_FORWARD_LOCK:
+            sizes = export_graphs(variant, ENCODERS, model_source.path, checkpoint, model_cfg, cfg, out_dir)
+    else:
+        sizes = export_in_processes(variant, model_source.path, checkpoint, model_cfg, cfg, out_dir)
+    return StageOutput(files={name.removesuffix(".onnx"): name for name in sizes},
+                       meta={"variant": variant, "bytes": sizes, "processes": 0 if workers == 1 else len(ENCODERS)})
+
+
+def _share_cpus(threads: int) -> None:
+    """Worker start-up: a bounded share of the host's cores. Every torch process defaults to one OpenMP thread
+    per core; two exports and the stages beside them (calibration, evaluation) then oversubscribe the host
+    several times over and each runs slower than it would alone (quantize took 4.5x as long on the H200)."""
     import torch
 
-    config = json.loads((Path(baseline_path) / "config.json").read_text())
-    # ~12 h^2 weights per transformer layer, summed over both towers: no need to load the model to decide.
-    parameters = sum(12 * c.get("hidden_size", 0) ** 2 * c.get("num_hidden_layers", 0)
-                     for c in (config.get("text_config", {}), config.get("vision_config", {})))
-    workers = export_workers(cfg, parameters)
-    jobs = [(variant, encoder) for variant in VARIANTS for encoder in ENCODERS]
-    if workers > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-        from concurrent.futures.process import BrokenProcessPool
+    torch.set_num_threads(threads)
 
-        # Spawn, not fork: a forked CUDA context is unusable, and ModelOpt's registries are per process.
-        try:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = [pool.submit(_export_one, v, e, baseline_path, checkpoint, model_cfg, cfg, out_dir) for v, e in jobs]
-                return dict(f.result() for f in futures)
-        except BrokenProcessPool:
-            # A worker was killed, most likely for memory: fall back to one export at a time, and say so.
-            print(f"export: a worker of {workers} died (out of memory?); exporting the graphs one at a time")
-            for leftover in out_dir.iterdir():
-                if leftover.is_dir():
-                    shutil.rmtree(leftover)
-                else:
-                    leftover.unlink()
-    sizes: dict[str, int] = {}
-    for variant in VARIANTS:
-        model = _load(variant, baseline_path, checkpoint, model_cfg)
-        torch.manual_seed(0)
-        dummies = dummy_inputs(model, cfg.export_batch_size)
-        for encoder_name, wrapper in (("text", TextEncoder(model)), ("image", ImageEncoder(model))):
-            name = f"{variant}_{encoder_name}.onnx"
-            sizes[name] = export_encoder(wrapper.eval(), dummies[encoder_name], out_dir / name, cfg.opset)
-        del model
-    return sizes
+
+def export_in_processes(variant: str, baseline_path: str, checkpoint: str | None, model_cfg: ModelConfig,
+                        cfg: ExportConfig, out_dir: Path) -> dict[str, int]:
+    """Each graph in a spawned process of its own (spawn, not fork: a forked CUDA context is unusable)."""
+    context = multiprocessing.get_context("spawn")
+    # Both variants export at once beside the stages running in the parent: four exports and the parent.
+    threads = max(1, (os.cpu_count() or 1) // (2 * len(ENCODERS) + 1))
+    try:
+        with ProcessPoolExecutor(max_workers=len(ENCODERS), mp_context=context, initializer=_share_cpus,
+                                 initargs=(threads,)) as pool:
+            jobs = [pool.submit(export_graphs, variant, (e,), baseline_path, checkpoint, model_cfg, cfg, out_dir)
+                    for e in ENCODERS]
+            return {name: size for job in jobs for name, size in job.result().items()}
+    except BrokenProcessPool:
+        # A worker was killed, most likely for memory: export one graph at a time, and say so.
+        print(f"export {variant}: a worker died (out of memory?); exporting one graph at a time")
+        for leftover in out_dir.iterdir():
+            leftover.unlink()
+        with ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_share_cpus, initargs=(threads,)) as pool:
+            return pool.submit(export_graphs, variant, ENCODERS, baseline_path, checkpoint, model_cfg, cfg, out_dir).result()

@@ -19,12 +19,10 @@ import gzip
 import hashlib
 import inspect
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
-from clip_fp8.artifacts import cache_base, sha256_file
+from clip_fp8.artifacts import atomic_directory, cache_base, sha256_file
+from clip_fp8.clip import CLIP_VOCAB_SIZE
 from clip_fp8.errors import PipelineInputError
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -97,7 +95,7 @@ def clip_config(config: dict, quick_gelu: bool):
     return CLIPConfig(
         projection_dim=config["embed_dim"],
         text_config=dict(
-            vocab_size=text.get("vocab_size", 49408), hidden_size=text_width,
+            vocab_size=text.get("vocab_size", CLIP_VOCAB_SIZE), hidden_size=text_width,
             intermediate_size=int(text_width * text.get("mlp_ratio", 4.0)), num_hidden_layers=text["layers"],
             num_attention_heads=text.get("heads", 8), max_position_embeddings=text.get("context_length", 77),
             hidden_act="quick_gelu" if quick_gelu else "gelu", layer_norm_eps=1e-5,
@@ -144,12 +142,14 @@ def convert_state_dict(state: dict, vision_layers: int, text_layers: int) -> dic
     return out
 
 
-def clip_tokenizer(context_length: int, directory: Path):
+def clip_tokenizer(context_length: int):
     """transformers' CLIP tokenizer from open_clip's BPE merges (the same vocabulary OpenAI's CLIP uses)."""
     from open_clip.tokenizer import bytes_to_unicode, default_bpe
     from transformers import CLIPTokenizerFast
 
-    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    # The vocabulary is 256 byte tokens, the same with </w>, the merges and 2 specials: CLIP_VOCAB_SIZE in all.
+    n_merges = CLIP_VOCAB_SIZE - 2 * 256 - 2
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:1 + n_merges]
     merges = [tuple(m.split()) for m in merges]
     vocab = list(bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
@@ -217,24 +217,14 @@ def convert(name_or_config: str, pretrained: str | None, allow_pickle: bool, pre
     if missing or unexpected:
         raise PipelineInputError(f"open_clip checkpoint '{checkpoint}' does not fit model '{name}': "
                                  f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
+    with atomic_directory(final, keep_existing=True) as tmp:  # another run may convert the same model at once
         with torch.no_grad():
             model.save_pretrained(tmp, safe_serialization=True)
         size = hf_config.vision_config.image_size
         image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                                              image_mean=preprocess["mean"], image_std=preprocess["std"], resample=3)
         CLIPProcessor(image_processor=image_processor,
-                      tokenizer=clip_tokenizer(hf_config.text_config.max_position_embeddings, tmp)).save_pretrained(tmp)
+                      tokenizer=clip_tokenizer(hf_config.text_config.max_position_embeddings)).save_pretrained(tmp)
         (tmp / "open_clip_source.json").write_text(json.dumps(
             {"model": name, "pretrained": pretrained, "checkpoint_sha256": sha256_file(checkpoint), "preprocess": preprocess}))
-        if final.exists():
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final

@@ -27,17 +27,10 @@ def preflight(onnx_path: str | Path, min_batch: int, opt_batch: int, max_batch: 
     """Strongly typed parse (and build, if asked) of ``onnx_path``; the verdict, errors and log lines."""
     import tensorrt_rtx_bindings as trt
 
+    from clip_fp8.tasks.tensorrt import capturing_logger
+
     messages: list[str] = []
-
-    class Capture(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-
-        def log(self, severity, msg):
-            if severity <= trt.ILogger.Severity.WARNING and not any(s in msg for s in _NO_GPU_NOISE):
-                messages.append(f"[{severity.name}] {msg}")
-
-    logger = Capture()
+    logger = capturing_logger(trt, messages, ignore=_NO_GPU_NOISE)
     t0 = time.perf_counter()
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))

@@ -1,14 +1,10 @@
-"""FP8 post-training quantization with NVIDIA ModelOpt, and the restorable checkpoint it leaves.
+"""Stage quantize: FP8 post-training quantization with NVIDIA ModelOpt, and the restorable checkpoint it leaves.
 
 ModelOpt's ``FP8_DEFAULT_CFG`` disables every quantizer under ``*vision_model*``/``*visual*`` and
 leaves attention's ``*_bmm_quantizer``s off: on CLIP it silently quantizes the text tower only. This
 stage builds its own ordered config (0.47 semantics: the last matching entry wins), so the image
-tower and attention are covered on purpose, and the audit stage proves it.
-
-Attention: CLIP's SDPA path is a functional call that ModelOpt's module walk cannot see. ModelOpt's
-Hugging Face plugin replaces ``CLIPAttention`` with a quantized attention (``q/k/v_bmm_quantizer``
-around the SDPA call, ``p_bmm_quantizer`` for the softmax output); we register it explicitly, before
-quantizing and before every restore, because a restore without it fails or silently drops attention.
+tower and attention are covered on purpose, and the audit stage proves it. Attention quantizers come
+from ModelOpt's Hugging Face plugin (``checkpoints.register_quantized_attention``).
 """
 
 from __future__ import annotations
@@ -17,12 +13,15 @@ import fnmatch
 import json
 from pathlib import Path
 
+from clip_fp8.artifacts import ArtifactRef
+from clip_fp8.clip import CLIP_FORWARD_LOCK
 from clip_fp8.config import CalibrationConfig, ModelConfig, QuantizationConfig
 from clip_fp8.errors import PipelineInputError
+from clip_fp8.stage import StageOutput
+from clip_fp8.tasks.checkpoints import load_clip, load_processor, register_quantized_attention
+from clip_fp8.tasks.quantizer_names import QUANTIZER_SUFFIXES
 
 FP8_E4M3 = {"num_bits": (4, 3), "axis": None}  # per-tensor, static (calibrated amax)
-ATTENTION_QUANTIZERS = ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer")
-QUANTIZER_SUFFIXES = ("weight_quantizer", "input_quantizer", "output_quantizer", *ATTENTION_QUANTIZERS, "p_bmm_quantizer")
 
 
 def fp8_quant_config(cfg: QuantizationConfig) -> dict:
@@ -56,13 +55,6 @@ def check_exclusions_match(model, patterns: list[str]) -> None:
             )
 
 
-def register_quantized_attention(model) -> None:
-    """Swap ``CLIPAttention`` for ModelOpt's quantized attention (must precede quantize and restore)."""
-    from modelopt.torch.quantization.plugins.huggingface import register_hf_attentions_on_the_fly
-
-    register_hf_attentions_on_the_fly(model)
-
-
 def quantizer_table(model) -> list[dict]:
     """Every TensorQuantizer: name, owning module, enabled, FP format, amax (the audit's raw material)."""
     from modelopt.torch.quantization.nn import TensorQuantizer
@@ -89,23 +81,18 @@ def quantizer_table(model) -> list[dict]:
     return rows
 
 
-def quantize(
-    model_path: str,
-    manifest: dict,
-    data_root: str,
-    model_cfg: ModelConfig,
-    calib_cfg: CalibrationConfig,
-    cfg: QuantizationConfig,
-    out_dir: Path,
-) -> dict:
+def quantize(model_source: ArtifactRef, calibration: ArtifactRef, data_source: ArtifactRef, model_cfg: ModelConfig,
+             calib_cfg: CalibrationConfig, cfg: QuantizationConfig, out_dir: Path) -> StageOutput:
     """Calibrate and FP8-quantize; write the ModelOpt checkpoint and quantizers.json into ``out_dir``."""
     import modelopt.torch.opt as mto
     import modelopt.torch.quantization as mtq
     import torch
 
-    from tasks.calibration import iter_calibration_batches
-    from tasks.model import load_clip, load_processor
+    from clip_fp8.tasks.calibration_sources import iter_calibration_batches
 
+    manifest = json.loads(calibration.file("manifest").read_text())
+    data_root = data_source.path
+    model_path = model_source.path
     model = load_clip(model_path, model_cfg)
     processor = load_processor(model_path)
     check_exclusions_match(model, cfg.exclude)
@@ -135,7 +122,10 @@ def quantize(
                             torch.cuda.empty_cache()
                 seen["samples"] += len(batch["input_ids"])
 
-    mtq.quantize(model, fp8_quant_config(cfg), forward_loop)
+    # The whole of ModelOpt's quantize holds the lock, not only the calibration batches: a quantizer forward
+    # that ran while an in-process export had torch.onnx's flag set failed "Quantizer has not been calibrated".
+    with CLIP_FORWARD_LOCK:
+        mtq.quantize(model, fp8_quant_config(cfg), forward_loop)
 
     mto.enable_huggingface_checkpointing()
     checkpoint = out_dir / "checkpoint"
@@ -144,32 +134,12 @@ def quantize(
     rows = quantizer_table(model)
     (out_dir / "quantizers.json").write_text(json.dumps(rows, indent=1))
     (out_dir / "quant_config.json").write_text(json.dumps(fp8_quant_config(cfg), indent=1, default=list))
-    return {
+    info = {
         "calibration_samples": seen["samples"],
         "calibration_batch_size": seen["batch_size"],
         "requested_batch_size": calib_cfg.batch_size,
         "quantizers_enabled": sum(r["enabled"] for r in rows),
         "quantizers_total": len(rows),
     }
-
-
-def load_quantized(checkpoint: str | Path, model_cfg: ModelConfig, attn_implementation: str = "sdpa"):
-    """Restore the fake-quantized model from a checkpoint written by ``quantize``."""
-    import modelopt.torch.opt as mto
-    import torch
-    from transformers import CLIPConfig, CLIPModel
-
-    from tasks.model import pick_device, pick_dtype
-
-    mto.enable_huggingface_checkpointing()
-    # The quantized-attention class must be registered before from_pretrained restores modelopt_state.
-    config = CLIPConfig.from_pretrained(str(checkpoint))
-    config._attn_implementation = attn_implementation
-    with torch.device("meta"):  # structure only: no weights allocated for the registration walk
-        register_quantized_attention(CLIPModel(config))
-    device = pick_device(model_cfg)
-    model = CLIPModel.from_pretrained(
-        str(checkpoint), dtype=pick_dtype(model_cfg, device), attn_implementation=attn_implementation,
-        use_safetensors=True, trust_remote_code=False,
-    )
-    return model.eval().to(device)
+    return StageOutput(files={"checkpoint": "checkpoint", "quantizers": "quantizers.json", "config": "quant_config.json"},
+                       meta=info)

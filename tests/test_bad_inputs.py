@@ -1,4 +1,5 @@
-"""Bad input stops at the first stage that can know, with one line naming the value; nothing earlier is lost."""
+"""Bad input stops where it can first be known (a locator before any stage starts, content in the stage that
+reads it), with one line naming the value; nothing earlier is lost."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from clip_fp8.errors import PipelineInputError
-from flows.pipeline import clip_fp8_pipeline
-from tests.conftest import write_coco_folder
+from clip_fp8.flows.pipeline import clip_fp8_pipeline
+from data_fixtures import write_coco_folder
 
 
 def _run_expecting(config, stage: str, *needles: str) -> dict:
@@ -22,7 +23,7 @@ def _run_expecting(config, stage: str, *needles: str) -> dict:
     assert "\n" not in message
     for needle in needles:
         assert needle in message, message
-    summary_files = list(Path(config.output.root, "runs").glob("*/summary.json"))
+    summary_files = [p for p in Path(config.output.root, "runs").glob("*/summary.json") if not p.parent.is_symlink()]
     assert len(summary_files) == 1
     summary = json.loads(summary_files[0].read_text())
     assert summary["status"] == "failed"
@@ -30,13 +31,12 @@ def _run_expecting(config, stage: str, *needles: str) -> dict:
     return summary
 
 
-def test_missing_model_path(fast_config, tmp_path):
+def test_missing_model_path_is_refused_before_any_stage_starts(fast_config, tmp_path):
     missing = tmp_path / "no-such-model"
     config = fast_config.with_overrides([f"model.source={missing}"])
-    summary = _run_expecting(config, "baseline_model", str(missing))
-    # The stage before it finished and its artifact is intact.
-    assert summary["stages"]["calibration_data"]["status"] == "completed"
-    assert list((Path(config.output.root) / "store" / "calibration_data").glob("*/manifest.json"))
+    summary = _run_expecting(config, "inputs", str(missing), "open_clip:", "embedded:tiny-clip-shapes")
+    assert list(summary["stages"]) == ["inputs"]
+    assert not (Path(config.output.root) / "store").exists()
 
 
 def test_non_clip_checkpoint(fast_config, tmp_path):
@@ -44,7 +44,7 @@ def test_non_clip_checkpoint(fast_config, tmp_path):
     bert.mkdir()
     (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
     (bert / "model.safetensors").write_bytes(b"")
-    _run_expecting(fast_config.with_overrides([f"model.source={bert}"]), "baseline_model", "'bert'", "not CLIP")
+    _run_expecting(fast_config.with_overrides([f"model.source={bert}"]), "inputs", "'bert'", "not CLIP")
 
 
 def test_pickle_only_checkpoint_is_refused(fast_config, tmp_path):
@@ -52,13 +52,13 @@ def test_pickle_only_checkpoint_is_refused(fast_config, tmp_path):
     pickled.mkdir()
     (pickled / "config.json").write_text(json.dumps({"model_type": "clip"}))
     (pickled / "pytorch_model.bin").write_bytes(b"")
-    _run_expecting(fast_config.with_overrides([f"model.source={pickled}"]), "baseline_model", "safetensors")
+    _run_expecting(fast_config.with_overrides([f"model.source={pickled}"]), "inputs", "safetensors")
 
 
 def test_empty_dataset_folder(fast_config, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    _run_expecting(fast_config.with_overrides([f"calibration.source=coco:{empty}"]), "calibration_data", str(empty))
+    _run_expecting(fast_config.with_overrides([f"calibration.source=coco:{empty}"]), "inputs", str(empty))
 
 
 def test_unreadable_dataset_images(fast_config, tmp_path):

@@ -13,8 +13,9 @@ import pytest
 from clip_fp8 import synthetic
 from clip_fp8.config import CalibrationConfig
 from clip_fp8.errors import PipelineInputError
-from tasks.calibration import iter_calibration_batches, resolve_data_source, select_calibration_pairs
-from tasks.model import EMBEDDED_MODELS, load_processor
+from clip_fp8.tasks.calibration_data import select_pairs
+from clip_fp8.tasks.calibration_sources import iter_calibration_batches, resolve_data_source
+from clip_fp8.tasks.checkpoints import EMBEDDED_MODELS, load_processor
 
 N = 12
 
@@ -81,10 +82,10 @@ def test_source_selects_seeded_pairs_and_feeds_the_processor(kind, tmp_path):
     make, extra = SOURCES[kind]
     cfg = CalibrationConfig(source=make(tmp_path / "data"), num_samples=8, seed=3, **extra)
     ref = resolve_data_source(cfg)
-    manifest = select_calibration_pairs(ref, cfg)
+    manifest = select_pairs(ref, cfg)
     assert len(manifest["pairs"]) == 8 and manifest["skipped"] == 0
-    assert manifest == select_calibration_pairs(ref, cfg)  # seeded: the same subset every time
-    assert select_calibration_pairs(ref, cfg.model_copy(update={"seed": 4}))["pairs"] != manifest["pairs"]
+    assert manifest == select_pairs(ref, cfg)  # seeded: the same subset every time
+    assert select_pairs(ref, cfg.model_copy(update={"seed": 4}))["pairs"] != manifest["pairs"]
     known = {caption(i) for i in range(N)} | {caption(i) + "." for i in range(N)}
     assert all(p["caption"] in known for p in manifest["pairs"])
     batches = list(iter_calibration_batches(manifest, ref.path, load_processor(EMBEDDED_MODELS["tiny-clip-shapes"]), 5))
@@ -137,5 +138,5 @@ def test_unreadable_images_in_a_shard_are_skipped_and_counted(tmp_path):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     cfg = CalibrationConfig(source=f"wds:{root}", num_samples=N, max_bad_fraction=0.2)
-    manifest = select_calibration_pairs(resolve_data_source(cfg), cfg)
-    assert manifest["skipped"] == 1 and manifest["skipped_examples"] == ["shard-000002.tar#bad.jpg"]
+    manifest = select_pairs(resolve_data_source(cfg), cfg)
+    assert manifest["skipped"] == 1 and manifest["skipped_examples"] == ["shard-000002.tar#bad.jpg (unreadable)"]

@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from clip_fp8.config import BenchmarkConfig, BuildConfig
-from flows.pipeline import clip_fp8_pipeline
-from tasks.engines import (
-    Target, build_engines, fp8_supported, parse_trtexec_performance, resolve_target, trtexec_benchmark_command,
-    trtexec_build_command,
+from clip_fp8.artifacts import ArtifactRef
+from clip_fp8.caching import stage_key
+from clip_fp8.clip import CLIP_VOCAB_SIZE
+from clip_fp8.config import BuildConfig
+from clip_fp8.flows.pipeline import clip_fp8_pipeline
+from clip_fp8.tasks.build import build
+from clip_fp8.tasks.tensorrt import (
+    Target, fp8_supported, parse_trtexec_performance, resolve_target, trtexec_benchmark_command, trtexec_build_command,
 )
-from tasks.stages import key_of
 
 # A trtexec performance summary in the format TensorRT 10 prints (values invented for the parser test).
 TRTEXEC_SUMMARY = """\
@@ -45,7 +47,7 @@ def rtx_run(tmp_path_factory):
 
 
 def test_flow_builds_fp16_and_fp8_engines_with_tensorrt_rtx(rtx_run):
-    assert rtx_run["stages"]["build"]["status"] == "completed"
+    assert rtx_run["stages"]["build_fp16"]["status"] == rtx_run["stages"]["build_fp8"]["status"] == "completed"
     engines = rtx_run["engines"]["engines"]
     assert set(engines) == {"fp16_text", "fp16_image", "fp8_text", "fp8_image"}
     for entry in engines.values():
@@ -57,20 +59,26 @@ def test_flow_builds_fp16_and_fp8_engines_with_tensorrt_rtx(rtx_run):
 
 def test_benchmark_inputs_stay_inside_the_exported_vocabulary(rtx_run):
     # Token ids for timing are drawn below the embedding table's rows, read off each text graph (FP16 and FP8).
-    from tasks.engines import onnx_vocab_size
-    from tasks.model import EMBEDDED_MODELS
+    from clip_fp8.tasks.checkpoints import EMBEDDED_MODELS
+    from clip_fp8.tasks.tensorrt import onnx_vocab_size
 
     vocab = json.loads((EMBEDDED_MODELS["tiny-clip-shapes"] / "config.json").read_text())["text_config"]["vocab_size"]
     for name in ("fp16_text", "fp8_text"):
-        assert onnx_vocab_size(Path(rtx_run["artifacts"][f"onnx_{name}"])) == vocab != 49408
+        assert onnx_vocab_size(Path(rtx_run["artifacts"][f"onnx_{name}"])) == vocab != CLIP_VOCAB_SIZE
 
 
 def test_older_gpu_skips_fp8_but_builds_fp16(rtx_run, tmp_path):
-    onnx = {name: Path(rtx_run["artifacts"][f"onnx_{name}"]) for name in ("fp16_text", "fp8_text")}
-    target = Target("tensorrt-rtx", "1.7.1.116", "NVIDIA A10", "8.6")
-    result = build_engines(onnx, BuildConfig(opt_batch=4, max_batch=8), target, tmp_path)
-    assert "compute capability >= 8.9" in result["engines"]["fp8_text"]["skip_reason"]
-    assert (tmp_path / "fp16_text.engine").stat().st_size > 0
+    def repaired(variant: str) -> ArtifactRef:
+        onnx = Path(rtx_run["artifacts"][f"onnx_{variant}_text"])
+        return ArtifactRef(stage="surgery", path=str(onnx.parent), digest=variant,
+                           files={f"{variant}_text": onnx.name}, meta={"variant": variant})
+
+    a10 = Target(backend="tensorrt-rtx", version="1.7.1.116", gpu="NVIDIA A10", compute_capability="8.6")
+    cfg = BuildConfig(opt_batch=4, max_batch=8)
+    (tmp_path / "fp8").mkdir(), (tmp_path / "fp16").mkdir()
+    assert "compute capability >= 8.9" in build(repaired("fp8"), cfg, a10, tmp_path / "fp8").skip_reason
+    built = build(repaired("fp16"), cfg, a10, tmp_path / "fp16")
+    assert built.skip_reason is None and (tmp_path / "fp16" / "fp16_text.engine").stat().st_size > 0
 
 
 def test_fp8_needs_ada_or_newer():
@@ -80,10 +88,10 @@ def test_fp8_needs_ada_or_newer():
 
 def test_engine_cache_key_changes_with_the_gpu():
     cfg = BuildConfig()
-    h100 = Target("tensorrt", "10.16.0", "NVIDIA H100 80GB HBM3", "9.0").key()
-    l40s = Target("tensorrt", "10.16.0", "NVIDIA L40S", "8.9").key()
-    newer = Target("tensorrt", "11.0.0", "NVIDIA H100 80GB HBM3", "9.0").key()
-    keys = {key_of("build", repaired=None, cfg=cfg, target=t) for t in (h100, l40s, newer)}
+    h100 = Target(backend="tensorrt", version="10.16.0", gpu="NVIDIA H100 80GB HBM3", compute_capability="9.0")
+    l40s = Target(backend="tensorrt", version="10.16.0", gpu="NVIDIA L40S", compute_capability="8.9")
+    newer = Target(backend="tensorrt", version="11.0.0", gpu="NVIDIA H100 80GB HBM3", compute_capability="9.0")
+    keys = {stage_key(build, {"repaired": None, "cfg": cfg, "target": t}) for t in (h100, l40s, newer)}
     assert len(keys) == 3
 
 
@@ -96,10 +104,10 @@ def test_missing_tensorrt_is_a_reported_skip():
         pytest.skip("TensorRT is installed here")
     except ImportError:
         pass
-    target, reason = resolve_target(BuildConfig())
-    assert target is None and "trtexec" in reason and "install TensorRT" in reason
-    target, reason = resolve_target(BuildConfig(backend="trtexec"))
-    assert target is None and "build.backend=trtexec" in reason
+    target = resolve_target(BuildConfig())
+    assert target.backend == "none" and "trtexec" in target.unavailable and "install TensorRT" in target.unavailable
+    target = resolve_target(BuildConfig(backend="trtexec"))
+    assert target.backend == "none" and "build.backend=trtexec" in target.unavailable
 
 
 def test_trtexec_build_command_per_version(rtx_run, tmp_path):
@@ -135,7 +143,7 @@ def test_parse_trtexec_performance_summary():
 def test_benchmark_plot_renders_measured_rows(tmp_path):
     # Real measurements (the H100 PyTorch baselines in docs/), reshaped to the benchmark stage's rows: the eager
     # rows stand in for the FP16 engine and for the PyTorch baseline, the compiled ones for the FP8 engine.
-    from tasks.report import plot_benchmark, render_markdown
+    from clip_fp8.flows.report import plot_benchmark, render_markdown
 
     measured = json.loads((Path(__file__).parent.parent / "docs/results/2026-11-23-h100-pytorch-encoders.json").read_text())
     rows = []

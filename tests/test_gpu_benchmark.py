@@ -50,31 +50,22 @@ def test_a_failed_capture_is_reported_not_raised():
 
 
 def test_pytorch_baseline_rows_on_the_embedded_model(tmp_path):
-    import onnx
-    from onnx import TensorProto, helper
-
     from clip_fp8.config import BenchmarkConfig, ModelConfig
-    from tasks.engines import bench_inputs, benchmark_pytorch
-    from tasks.model import EMBEDDED_MODELS
+    from clip_fp8.tasks.checkpoints import EMBEDDED_MODELS
+    from clip_fp8.tasks.benchmark import benchmark_pytorch
+    from clip_fp8.tasks.tensorrt import bench_inputs
 
-    # The engines' ONNX signatures are where the baseline takes its input shapes from.
-    onnx_files = {}
-    for name, elem, dims in (("text", TensorProto.INT64, ["batch", 77]), ("image", TensorProto.FLOAT, ["batch", 3, 64, 64])):
-        x = helper.make_tensor_value_info("x", elem, dims)
-        y = helper.make_tensor_value_info("y", elem, dims)
-        path = tmp_path / f"fp16_{name}.onnx"
-        onnx.save(helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], name, [x], [y])), path)
-        onnx_files[f"fp16_{name}"] = path
-
+    # The input dims the build stage reads off each engine's ONNX (dim 0 is the dynamic batch).
+    dims = {"text": [0, 77], "image": [0, 3, 64, 64]}
     cfg = BenchmarkConfig(batch_sizes=[1, 8], warmup_ms=100, duration_s=1, pytorch_baselines=["eager"])
-    rows = benchmark_pytorch(str(EMBEDDED_MODELS["tiny-clip-shapes"]), ModelConfig(), onnx_files, cfg)
+    rows = benchmark_pytorch(str(EMBEDDED_MODELS["tiny-clip-shapes"]), ModelConfig(), dims, cfg)
     assert [(r["encoder"], r["batch"]) for r in rows] == [("text", 1), ("text", 8), ("image", 1), ("image", 8)]
     for r in rows:
         assert r["variant"] == "pytorch-eager" and r["latency_median_ms"] > 0 and r["iterations"] >= 10
         assert r["throughput_samples_s"] == pytest.approx(r["batch"] * 1000 / r["latency_median_ms"])
         assert r["weights_bytes"] > 0 and r["activation_bytes"] >= 0
     # FP16 weights of the tower alone: 2 bytes per parameter.
-    from tasks.model import load_clip
+    from clip_fp8.tasks.checkpoints import load_clip
 
     model = load_clip(str(EMBEDDED_MODELS["tiny-clip-shapes"]), ModelConfig(device="cuda", dtype="float16"))
     text_params = sum(p.numel() for part in (model.text_model, model.text_projection) for p in part.parameters())

@@ -47,7 +47,7 @@ def test_converted_model_computes_open_clips_embeddings(open_clip_checkpoint):
     import open_clip
     from transformers import CLIPModel, CLIPProcessor
 
-    from tasks.openclip import convert
+    from clip_fp8.tasks.openclip import convert
 
     reference, config_path, root = open_clip_checkpoint
     directory = convert(str(config_path), str(root / "tiny.safetensors"), allow_pickle=False)
@@ -71,7 +71,7 @@ def test_converted_model_computes_open_clips_embeddings(open_clip_checkpoint):
 
 
 def test_pickle_checkpoint_needs_the_opt_in(open_clip_checkpoint):
-    from tasks.openclip import convert
+    from clip_fp8.tasks.openclip import convert
 
     _, config_path, root = open_clip_checkpoint
     with pytest.raises(PipelineInputError, match="pickle checkpoint.*allow_pickle=true"):
@@ -80,7 +80,7 @@ def test_pickle_checkpoint_needs_the_opt_in(open_clip_checkpoint):
 
 
 def test_unknown_model_and_offline_tag_say_what_to_do():
-    from tasks.openclip import convert
+    from clip_fp8.tasks.openclip import convert
 
     with pytest.raises(PipelineInputError, match="open_clip knows no such model"):
         convert("ViT-Nope-99", "x.safetensors", allow_pickle=False)
@@ -90,7 +90,7 @@ def test_unknown_model_and_offline_tag_say_what_to_do():
 
 def test_pipeline_quantizes_every_linear_of_an_open_clip_model(open_clip_checkpoint, tmp_path):
     """The reason for converting: open_clip's own attention is invisible to ModelOpt; the converted model is covered."""
-    from flows.pipeline import clip_fp8_pipeline
+    from clip_fp8.flows.pipeline import clip_fp8_pipeline
 
     _, config_path, root = open_clip_checkpoint
     summary = clip_fp8_pipeline(PipelineConfig().with_overrides([

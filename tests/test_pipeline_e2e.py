@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import onnx
 import pytest
 
 from clip_fp8.config import PipelineConfig
-from flows.pipeline import STAGES, clip_fp8_pipeline
+from clip_fp8.flows.pipeline import clip_fp8_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -21,14 +22,21 @@ def first_run(tmp_path_factory):
     return config, clip_fp8_pipeline(config)
 
 
+CPU_STAGES = ("calibration_data", "baseline_model", "quantize", "audit", "evaluate", "export_fp16", "export_fp8",
+              "surgery_fp16", "surgery_fp8")
+ENGINE_STAGES = ("build_fp16", "build_fp8", "benchmark")
+
+
 def test_default_flow_completes_every_stage(first_run):
     config, summary = first_run
     assert summary["status"] == "completed"
-    for name in STAGES[:7]:
+    assert list(summary["stages"]) == [*CPU_STAGES[:2], "export_fp16", "surgery_fp16", "build_fp16", "quantize", "audit",
+                                       "evaluate", "export_fp8", "surgery_fp8", "build_fp8", "benchmark"]
+    for name in CPU_STAGES:
         assert summary["stages"][name]["status"] == "completed", name
         assert summary["stages"][name]["seconds"] > 0
-    # No TensorRT on this machine: both engine stages say so, nothing is invented.
-    for name in ("build", "benchmark"):
+    # No TensorRT on this machine: the engine stages say so, nothing is invented.
+    for name in ENGINE_STAGES:
         assert summary["stages"][name]["status"] == "skipped"
         assert "TensorRT" in summary["stages"][name]["note"]
 
@@ -43,7 +51,7 @@ def test_default_flow_completes_every_stage(first_run):
 def test_summary_and_report_on_disk(first_run):
     config, summary = first_run
     on_disk = json.loads(Path(summary["artifacts"]["summary"]).read_text())
-    assert set(on_disk["stages"]) == set(STAGES)
+    assert set(on_disk["stages"]) == {*CPU_STAGES, *ENGINE_STAGES}
     assert {"baseline", "fp8"} <= set(on_disk["metrics"])
     report = Path(summary["artifacts"]["report"]).read_text()
     assert "## Quantization audit" in report and "## ONNX encoders" in report
@@ -83,7 +91,7 @@ def test_exported_fp8_graphs_are_repaired_checked_and_preflighted(first_run):
 def test_second_run_is_served_from_cache(first_run):
     config, first = first_run
     again = clip_fp8_pipeline(config)
-    for name in STAGES[:7]:
+    for name in CPU_STAGES:
         assert again["stages"][name]["status"] == "cached", name
     assert again["all_cached"] is True
     assert again["metrics"] == first["metrics"]
@@ -94,21 +102,21 @@ def test_changing_an_evaluation_setting_reruns_only_evaluation(first_run):
     config, _ = first_run
     changed = config.with_overrides(["evaluation.num_samples=500"])
     summary = clip_fp8_pipeline(changed)
-    status = {name: summary["stages"][name]["status"] for name in STAGES}
+    status = {name: stage["status"] for name, stage in summary["stages"].items()}
     assert status["evaluate"] == "completed"
-    for name in ("calibration_data", "baseline_model", "quantize", "audit", "export", "surgery"):
+    for name in set(CPU_STAGES) - {"evaluate"}:
         assert status[name] == "cached", name
 
 
 def test_adding_an_evaluation_dataset_reruns_only_evaluation_and_reports_both(first_run, tmp_path):
-    from tests.test_eval_datasets import write_wds_classification
+    from data_fixtures import write_wds_classification
 
     config, _ = first_run
     root = write_wds_classification(tmp_path / "wds_shapes")
     changed = config.with_overrides([f"evaluation.datasets=[{{name: 'embedded:shapes'}}, {{name: wds/shapes, root: '{root}'}}]"])
     summary = clip_fp8_pipeline(changed)
     assert summary["stages"]["evaluate"]["status"] == "completed"
-    assert all(summary["stages"][name]["status"] == "cached" for name in ("quantize", "export", "surgery"))
+    assert all(summary["stages"][name]["status"] == "cached" for name in ("quantize", "export_fp8", "surgery_fp8"))
     datasets = {metric.split("/zeroshot_")[0] for metric in summary["metrics"]["fp8"]}
     assert datasets == {"embedded:shapes", "wds/shapes"}
     report = Path(summary["artifacts"]["report"]).read_text()
@@ -120,3 +128,130 @@ def test_adding_an_evaluation_dataset_reruns_only_evaluation_and_reports_both(fi
     again = clip_fp8_pipeline(config.with_overrides(
         [f"evaluation.datasets=[{{name: 'embedded:shapes'}}, {{name: wds/shapes, root: '{moved}'}}]"]))
     assert again["stages"]["evaluate"]["status"] == "cached"
+
+
+def test_independent_branches_overlap_in_time(first_run):
+    """The FP16 branch starts with the run, beside calibration; evaluate runs beside the FP8 export and
+    surgery: read from the task runs Prefect recorded on the server, not from the flow's own notes."""
+    import asyncio
+    import time
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    _, summary = first_run
+
+    async def task_runs():
+        async with get_client() as client:
+            return await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[summary["flow_run_id"]])))
+
+    spans: dict[str, list] = {}
+    for _ in range(50):  # task run records reach the server as events, shortly after the flow returns
+        spans = {}
+        for r in asyncio.run(task_runs()):
+            if r.start_time and r.end_time:
+                spans.setdefault(r.name.rsplit("-", 1)[0], []).append((r.start_time, r.end_time))
+        if len(spans.get("export", [])) == 2 and {"evaluate", "calibration_data"} <= spans.keys():
+            break
+        time.sleep(0.2)
+    (evaluate,) = spans["evaluate"]
+    (calibration,) = spans["calibration_data"]
+    fp16_export, fp8_export = sorted(spans["export"])  # FP16 first: it starts with the run; FP8 after the audit
+
+    def overlap(a, b):
+        return a[0] < b[1] and b[0] < a[1]
+
+    assert overlap(fp16_export, calibration), (fp16_export, calibration)
+    assert overlap(evaluate, fp8_export) or any(overlap(evaluate, s) for s in spans["surgery"]), (evaluate, spans)
+
+
+def test_new_calibration_data_reexports_only_the_fp8_graphs(first_run):
+    config, _ = first_run
+    summary = clip_fp8_pipeline(config.with_overrides(["calibration.seed=7"]))
+    status = {name: stage["status"] for name, stage in summary["stages"].items()}
+    for name in ("baseline_model", "export_fp16", "surgery_fp16"):
+        assert status[name] == "cached", name
+    for name in ("calibration_data", "quantize", "audit", "evaluate", "export_fp8", "surgery_fp8"):
+        assert status[name] == "completed", name
+
+
+def test_run_folder_links_every_artifact_and_latest_points_at_the_newest_run(first_run):
+    config, summary = first_run
+    runs = Path(config.output.root) / "runs"
+    latest = runs / "latest"
+    assert latest.is_symlink() and not Path(os.readlink(latest)).is_absolute()
+    newest = max((p for p in runs.iterdir() if not p.is_symlink()), key=lambda p: (p / "summary.json").stat().st_mtime)
+    assert latest.resolve() == newest.resolve()
+    links = Path(summary["artifacts"]["report"]).parent / "artifacts"
+    assert {p.name for p in links.iterdir()} == set(summary["stages"])
+    for link in links.iterdir():
+        assert not Path(os.readlink(link)).is_absolute() and link.resolve().is_dir(), link
+    onnx = links / "surgery_fp8" / "fp8_image.onnx"
+    assert onnx.is_file() and onnx.resolve() == Path(summary["artifacts"]["onnx_fp8_image"]).resolve()
+
+
+# Guards seen firing: each test below fails if its guard is removed or turned round (see README, Tests).
+
+def test_quality_gate_fails_marks_and_honours_a_pattern_limit(first_run):
+    from clip_fp8.errors import QualityGateError
+
+    config, first = first_run
+    baseline, fp8 = first["metrics"]["baseline"], first["metrics"]["fp8"]
+    worse = {m for m in baseline if fp8[m] < baseline[m]}
+    assert any("classification" in m for m in worse) and any("retrieval" in m for m in worse)
+    with pytest.raises(QualityGateError) as info:
+        clip_fp8_pipeline(config.with_overrides(['evaluation.max_drop={"*": 0.0}']))
+    worst = max(worse, key=lambda m: baseline[m] - fp8[m])
+    assert str(info.value).startswith(f"quality gate failed: {worst}:"), str(info.value)
+    marked = clip_fp8_pipeline(config.with_overrides(['evaluation.max_drop={"*": 0.0}', "evaluation.on_gate_failure=mark"]))
+    assert marked["status"] == "completed" and marked["promotable"] is False
+    assert {r["metric"] for r in marked["quality_gate"]["rows"] if not r["passed"]} == worse
+    # The most specific pattern wins: classification may drop 0.02 here, every other metric nothing.
+    limits = '{"embedded:shapes/zeroshot_classification/*": 0.02, "*": 0.0}'
+    pattern = clip_fp8_pipeline(config.with_overrides([f"evaluation.max_drop={limits}", "evaluation.on_gate_failure=mark"]))
+    assert {r["metric"] for r in pattern["quality_gate"]["rows"] if not r["passed"]} == {m for m in worse if "retrieval" in m}
+
+
+def test_onnx_runtime_check_is_against_pytorch_and_fires_on_a_damaged_graph(first_run, tmp_path):
+    """One weight scale of the shipped FP8 image graph times 10: ONNX Runtime still runs it, and the check
+    against the fake-quant PyTorch model catches it (a graph compared with itself would not)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    from clip_fp8.tasks.checkpoints import EMBEDDED_MODELS, load_quantized
+    from clip_fp8.tasks.surgery import check_inputs, cosine, onnx_embeddings, torch_embeddings
+
+    config, summary = first_run
+    shipped = Path(summary["artifacts"]["onnx_fp8_image"])
+    manifest = json.loads((Path(summary["artifacts"]["report"]).parent / "artifacts/calibration_data/manifest.json").read_text())
+    pixels = check_inputs(str(EMBEDDED_MODELS["tiny-clip-shapes"]), manifest, "", 16)["image"]
+    reference = torch_embeddings(load_quantized(summary["artifacts"]["checkpoint"], config.model), "image", pixels)
+    assert cosine(onnx_embeddings(shipped, pixels), reference).min() >= config.export.min_cosine
+
+    model = onnx.load(str(shipped))
+    inits = {i.name: i for i in model.graph.initializer}
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+              and "mlp" in n.input[0])
+    scale = inits[dq.input[1]]
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.float16(10), name=scale.name))
+    damaged = tmp_path / "damaged.onnx"
+    onnx.save(model, str(damaged))
+    assert cosine(onnx_embeddings(damaged, pixels), reference).min() < config.export.min_cosine
+
+
+def test_cli_gate_and_onnx_check_exit_2_naming_what_failed(first_run):
+    import re
+    import subprocess
+    import sys
+
+    config, first = first_run
+    base = [sys.executable, "-m", "clip_fp8.cli", "run", "-o", config.output.root]
+    gate = subprocess.run([*base, "--set", 'evaluation.max_drop={"*": 0.0}'], capture_output=True, text=True, timeout=600)
+    assert gate.returncode == 2, gate.stderr[-2000:]
+    (line,) = [x for x in gate.stderr.splitlines() if x.startswith("error:")]
+    assert "quality gate failed" in line and "max_drop 0.0" in line
+    check = subprocess.run([*base, "--set", "export.min_cosine=0.99999"], capture_output=True, text=True, timeout=600)
+    assert check.returncode == 2, check.stderr[-2000:]
+    (line,) = [x for x in check.stderr.splitlines() if x.startswith("error:")]
+    assert re.search(r"fp(8|16)_(text|image): ONNX Runtime vs PyTorch cosine 0\.\d{4} < export\.min_cosine 0\.99999", line), line

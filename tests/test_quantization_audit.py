@@ -9,9 +9,10 @@ import torch
 
 from clip_fp8.config import PipelineConfig, QuantizationConfig
 from clip_fp8.errors import PipelineInputError
-from tasks.audit import audit
-from tasks.model import EMBEDDED_MODELS, load_clip
-from tasks.quantize import check_exclusions_match, fp8_quant_config, quantizer_table, register_quantized_attention
+from clip_fp8.tasks.audit import coverage
+from clip_fp8.tasks.checkpoints import EMBEDDED_MODELS, load_clip
+from clip_fp8.tasks.checkpoints import register_quantized_attention
+from clip_fp8.tasks.quantize import check_exclusions_match, fp8_quant_config, quantizer_table
 
 MODEL = EMBEDDED_MODELS["tiny-clip-shapes"]
 
@@ -37,7 +38,7 @@ def _quantize(quant_cfg: dict, attn_implementation: str = "sdpa"):
 def test_project_config_quantizes_both_towers_and_attention():
     cfg = QuantizationConfig()
     model = _quantize(fp8_quant_config(cfg))
-    summary = audit(quantizer_table(model), cfg)
+    summary = coverage(quantizer_table(model), cfg)
     assert summary["passed"], summary["problems"]
     patch = [m for m in summary["modules"] if m["module"].endswith("patch_embedding")]
     assert patch and not patch[0]["enabled"] and "quantization.exclude '*patch_embedding*'" in patch[0]["excluded"]
@@ -46,7 +47,7 @@ def test_project_config_quantizes_both_towers_and_attention():
 def test_audit_fails_when_attention_is_requested_but_not_quantized():
     # A model quantized without attention quantizers, audited against a config that asks for them.
     model = _quantize(fp8_quant_config(QuantizationConfig(quantize_attention=False)))
-    summary = audit(quantizer_table(model), QuantizationConfig(quantize_attention=True))
+    summary = coverage(quantizer_table(model), QuantizationConfig(quantize_attention=True))
     assert not summary["passed"]
     assert any("attention" in p and "Q/K/V" in p for p in summary["problems"]), summary["problems"]
     assert summary["towers"]["image"]["attention_quantized"] == 0
@@ -63,7 +64,7 @@ def test_audit_fails_when_calibration_never_reaches_a_tower():
     model = load_clip(MODEL, PipelineConfig().model)
     register_quantized_attention(model)
     mtq.quantize(model, fp8_quant_config(QuantizationConfig()), text_only)
-    summary = audit(quantizer_table(model), QuantizationConfig())
+    summary = coverage(quantizer_table(model), QuantizationConfig())
     assert not summary["passed"]
     assert any(p.startswith("vision_model") and "never calibrated" in p for p in summary["problems"])
     assert not any(p.startswith("text_model") for p in summary["problems"])
@@ -74,7 +75,7 @@ def test_audit_exposes_modelopt_default_config_skipping_the_image_tower():
 
     cfg = QuantizationConfig()
     model = _quantize(copy.deepcopy(mtq.FP8_DEFAULT_CFG))
-    summary = audit(quantizer_table(model), cfg)
+    summary = coverage(quantizer_table(model), cfg)
     assert not summary["passed"]
     assert any("vision_model" in p and "left unquantized" in p for p in summary["problems"])
     assert summary["towers"]["image"].get("linear_quantized", 0) == 0

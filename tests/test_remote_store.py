@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 BIN = Path(sys.executable).parent
-STAGES = ("calibration_data", "baseline_model", "quantize", "audit", "evaluate", "export", "surgery")
+STAGES = ("calibration_data", "baseline_model", "quantize", "audit", "evaluate", "export_fp16", "export_fp8",
+          "surgery_fp16", "surgery_fp8")
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_second_worker_reuses_everything_from_the_bucket(s3_endpoint, tmp_path):
     assert second["metrics"] == first["metrics"] and second["all_cached"]
     # host-b computed nothing, so whatever it read came down from the bucket into its own cache.
     downloaded = {p.name for p in (tmp_path / "host-b" / "cache" / "remote").glob("*/*")}
-    assert {"audit.md", "metrics.json"} <= downloaded, downloaded
+    assert {"quantization-audit.md", "metrics.json"} <= downloaded, downloaded
     assert not any(name.endswith(".onnx") for name in downloaded)  # reports name the bucket's files, fetch none
     assert second["artifacts"]["onnx_fp8_image"].startswith(url + "/store/surgery/")
     assert not list((tmp_path / "host-b" / "cache" / "stores").glob("*/store/*/*"))

@@ -11,14 +11,14 @@ import torch
 
 from clip_fp8.config import PipelineConfig, QuantizationConfig
 from clip_fp8.encoders import ImageEncoder, TextEncoder
-from tasks.export import dummy_inputs, export_encoder
-from tasks.model import EMBEDDED_MODELS, load_clip
-from tasks.preflight import preflight
-from tasks.quantize import fp8_quant_config, register_quantized_attention
-from tasks.surgery import (
+from clip_fp8.tasks.checkpoints import EMBEDDED_MODELS, load_clip, register_quantized_attention
+from clip_fp8.tasks.export import dummy_inputs, export_encoder
+from clip_fp8.tasks.onnx_passes import (
     fix_moved_transpose_shapes, qdq_census, quantize_safe_softmax, repair_for_strong_typing, retype_float32, standardize_qdq,
 )
-from tasks.validate import cosine, onnx_embeddings, torch_embeddings
+from clip_fp8.tasks.preflight import preflight
+from clip_fp8.tasks.quantize import fp8_quant_config
+from clip_fp8.tasks.surgery import cosine, onnx_embeddings, torch_embeddings
 
 
 def quantize_and_export(out, model_cfg):

@@ -12,9 +12,10 @@ from clip_fp8.artifacts import ArtifactStore
 from clip_fp8.caching import canonical, stage_key
 from clip_fp8.config import CalibrationConfig, ModelConfig, PipelineConfig
 from clip_fp8.errors import PipelineInputError
-from tasks.calibration import iter_calibration_batches, resolve_data_source, select_calibration_pairs
-from tasks.model import EMBEDDED_MODELS, load_processor, resolve_model_source
-from tests.conftest import write_coco_folder
+from clip_fp8.tasks.calibration_data import select_pairs
+from clip_fp8.tasks.calibration_sources import iter_calibration_batches, resolve_data_source
+from clip_fp8.tasks.checkpoints import EMBEDDED_MODELS, load_processor, resolve_model_source
+from data_fixtures import write_coco_folder
 
 
 def test_failed_stage_publishes_nothing_and_keeps_the_previous_artifact(tmp_path):
@@ -35,7 +36,9 @@ def test_cache_key_follows_content_not_path(tmp_path):
     shutil.copytree(EMBEDDED_MODELS["tiny-clip-shapes"], b)
     ref_a = resolve_model_source(ModelConfig(source=str(a)))
     ref_b = resolve_model_source(ModelConfig(source=str(b)))
-    key = lambda ref, cfg: stage_key("baseline_model", "tasks.model", (), {"model_source": ref, "cfg": cfg})
+    from clip_fp8.tasks.baseline_model import baseline_model
+
+    key = lambda ref, cfg: stage_key(baseline_model, {"model_source": ref, "cfg": cfg})
     assert ref_a.path != ref_b.path and ref_a.digest == ref_b.digest
     assert key(ref_a, ModelConfig(source=str(a))) == key(ref_b, ModelConfig(source=str(b)))
 
@@ -89,9 +92,9 @@ def test_coco_folder_selection_is_seeded_and_preprocessed_by_the_models_processo
     coco = write_coco_folder(tmp_path / "coco", n_images=20)
     cfg = CalibrationConfig(source=f"coco:{coco}", num_samples=8, seed=3)
     source = resolve_data_source(cfg)
-    first, again = select_calibration_pairs(source, cfg), select_calibration_pairs(source, cfg)
+    first, again = select_pairs(source, cfg), select_pairs(source, cfg)
     assert first == again and len(first["pairs"]) == 8
-    assert select_calibration_pairs(source, cfg.model_copy(update={"seed": 4}))["pairs"] != first["pairs"]
+    assert select_pairs(source, cfg.model_copy(update={"seed": 4}))["pairs"] != first["pairs"]
     assert all(p["image"].startswith("train2017/") and len(p["sha256"]) == 64 for p in first["pairs"])
 
     processor = load_processor(EMBEDDED_MODELS["tiny-clip-shapes"])
@@ -110,39 +113,60 @@ def test_missing_captions_file_is_named(tmp_path):
 def test_retries_are_for_transient_failures_only():
     from prefect.states import Failed
 
-    from clip_fp8.errors import AuditError, QualityGateError
-    from tasks.stages import calibration_data, evaluate, retry_transient_only
+    from clip_fp8.errors import AuditError, QualityGateError, ValidationError
+    from clip_fp8.flows.pipeline import calibration_data_task, evaluate_task
+    from clip_fp8.flows.stage_task import retry_transient_only
 
-    for deterministic in (PipelineInputError("bad path"), AuditError("gap"), QualityGateError("drop")):
+    for deterministic in (PipelineInputError("bad path"), AuditError("gap"), QualityGateError("drop"), ValidationError("cos")):
         assert retry_transient_only(None, None, Failed(data=deterministic)) is False
     for transient in (OSError("connection reset"), RuntimeError("CUDA error: unspecified launch failure")):
         assert retry_transient_only(None, None, Failed(data=transient)) is True
-    assert calibration_data.retries == 2 and calibration_data.retry_jitter_factor == 0.5
-    assert evaluate.retries == 1
+    assert calibration_data_task.retries == 2 and calibration_data_task.retry_jitter_factor == 0.5
+    assert evaluate_task.retries == 1
 
 
-def test_a_transient_failure_is_retried_by_prefect(tmp_path):
-    """The same retry options on a task that fails once: Prefect runs it again and the flow completes."""
+FLAKY_STAGE = """
+from pathlib import Path
+
+from clip_fp8.errors import PipelineInputError
+from clip_fp8.stage import StageOutput
+
+
+def flaky(marker: str, error: str, out_dir: Path) -> StageOutput:
+    attempts = int(Path(marker).read_text()) + 1 if Path(marker).exists() else 1
+    Path(marker).write_text(str(attempts))
+    if attempts == 1:
+        raise {"transient": OSError, "bad input": PipelineInputError}[error](f"{error} on attempt 1")
+    return StageOutput(meta={"attempts": attempts})
+"""
+
+
+@pytest.mark.parametrize("error, attempts", [("transient", 2), ("bad input", 1)])
+def test_prefect_retries_a_transient_failure_and_never_a_deterministic_one(tmp_path, monkeypatch, error, attempts):
+    """A real stage module through the generic Prefect wrapper: an OSError is retried and the run completes;
+    bad input fails on the first attempt, however many retries the stage allows."""
+    import importlib
+
     from prefect import flow
-    from prefect.cache_policies import NO_CACHE
 
-    from tasks.stages import stage
+    from clip_fp8.flows.stage_task import stage_results, stage_task
 
-    marker = tmp_path / "attempts"
-
-    @stage("calibration_data", retries=2)
-    def flaky(store_dir: str) -> int:
-        attempts = int(marker.read_text()) + 1 if marker.exists() else 1
-        marker.write_text(str(attempts))
-        if attempts == 1:
-            raise OSError("transient read error")
-        return attempts
+    (tmp_path / "flaky.py").write_text(FLAKY_STAGE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    flaky = stage_task(importlib.import_module("flaky").flaky, retries=2).with_options(retry_delay_seconds=0)
+    store, marker = ArtifactStore(tmp_path / "out"), tmp_path / "attempts"
 
     @flow
-    def run() -> int:
-        return flaky.with_options(retry_delay_seconds=0, cache_policy=NO_CACHE, persist_result=False)(str(tmp_path))
+    def run():
+        with stage_results(store):
+            return flaky(str(marker), error, store=store)
 
-    assert run() == 2
+    if attempts == 1:
+        with pytest.raises(PipelineInputError, match="bad input on attempt 1"):
+            run()
+    else:
+        assert run().meta["attempts"] == 2
+    assert int(marker.read_text()) == attempts
 
 
 def test_model_revision_keys_the_cache_and_an_offline_hub_id_says_what_to_do(tmp_path):
@@ -150,7 +174,7 @@ def test_model_revision_keys_the_cache_and_an_offline_hub_id_says_what_to_do(tmp
 
     from clip_fp8.caching import canonical
     from clip_fp8.config import ModelConfig
-    from tasks.model import EMBEDDED_MODELS, resolve_model_source
+    from clip_fp8.tasks.checkpoints import EMBEDDED_MODELS, resolve_model_source
 
     pinned = ModelConfig(source="laion/CLIP-ViT-L-14-laion2B-s32B-b82K", revision="1a2b3c")
     assert canonical(pinned) != canonical(pinned.model_copy(update={"revision": "4d5e6f"}))

@@ -1,4 +1,4 @@
-"""TensorRT engines: build FP16 and FP8 engines per encoder through one interface, three backends.
+"""TensorRT helpers for the build and benchmark stages: one interface, three backends.
 
 - ``tensorrt``: the TensorRT Python API (builder, ONNX parser, strongly typed network, timing cache).
 - ``trtexec``: the command-line tool on PATH (``--stronglyTyped`` on 10.x; 11.x is always strongly typed).
@@ -19,9 +19,11 @@ import re
 import shutil
 import subprocess
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict
+
+from clip_fp8.clip import CLIP_VOCAB_SIZE
 from clip_fp8.config import BuildConfig
 
 INSTALL_HINT = ("install TensorRT (NVIDIA's TensorRT container, or `pip install tensorrt` from NVIDIA's index) "
@@ -30,17 +32,17 @@ FP8_MIN_CC = (8, 9)
 UNSTABLE_CV = 0.05  # runs whose coefficient of variation exceeds this are flagged
 
 
-@dataclass(frozen=True)
-class Target:
-    """What an engine is built for: part of its cache key, so an engine never moves across GPU types."""
+class Target(BaseModel):
+    """What engines are built for: part of the build and benchmark keys, so an engine never moves across
+    GPU types. ``unavailable`` says why nothing can be built here (then ``backend`` is "none")."""
+
+    model_config = ConfigDict(frozen=True)
 
     backend: str
-    version: str
-    gpu: str
-    compute_capability: str
-
-    def key(self) -> str:
-        return f"{self.backend}|{self.version}|{self.gpu}|{self.compute_capability}"
+    version: str = ""
+    gpu: str = "none"
+    compute_capability: str = ""
+    unavailable: str | None = None
 
 
 def gpu_info() -> tuple[str, str]:
@@ -75,7 +77,7 @@ def fp8_supported(compute_capability: str) -> bool:
     return (major, minor) >= FP8_MIN_CC
 
 
-def _import_api(backend: str):
+def import_backend(backend: str):
     if backend == "tensorrt":
         import tensorrt as trt
     else:
@@ -93,30 +95,32 @@ def trtexec_version(path: str) -> str:
     return f"{code // 10000}.{code // 100 % 100}.{code % 100}"
 
 
-def resolve_target(cfg: BuildConfig) -> tuple[Target | None, str]:
-    """The backend that will build, or None and why not."""
-    name, cc = gpu_info()
-    wanted = cfg.backend
+def resolve_target(cfg: BuildConfig) -> Target:
+    """The backend that will build, and for which GPU; ``unavailable`` set when none can.
+    The GPU is looked up only once a backend is found (it imports torch, seconds on a CPU host)."""
+    if not cfg.enabled:
+        return Target(backend="none", unavailable="build.enabled=false")
+    wanted, found, why = cfg.backend, None, ""
     if wanted in ("auto", "tensorrt"):
         try:
-            trt = _import_api("tensorrt")
-            return Target("tensorrt", trt.__version__, name, cc), ""
+            found = ("tensorrt", import_backend("tensorrt").__version__)
         except ImportError:
-            if wanted == "tensorrt":
-                return None, f"build.backend=tensorrt but `import tensorrt` failed; {INSTALL_HINT}"
-    if wanted in ("auto", "trtexec"):
+            why = f"build.backend=tensorrt but `import tensorrt` failed; {INSTALL_HINT}"
+    if found is None and wanted in ("auto", "trtexec"):
         path = shutil.which("trtexec")
-        if path:
-            return Target("trtexec", trtexec_version(path), name, cc), ""
-        if wanted == "trtexec":
-            return None, f"build.backend=trtexec but trtexec is not on PATH; {INSTALL_HINT}"
+        found = ("trtexec", trtexec_version(path)) if path else None
+        why = f"build.backend=trtexec but trtexec is not on PATH; {INSTALL_HINT}" if wanted == "trtexec" else why
     if wanted == "tensorrt-rtx":
         try:
-            trt = _import_api("tensorrt-rtx")
-            return Target("tensorrt-rtx", trt.__version__, name, cc), ""
+            found = ("tensorrt-rtx", import_backend("tensorrt-rtx").__version__)
         except ImportError:
-            return None, "build.backend=tensorrt-rtx but tensorrt_rtx_bindings is not installed"
-    return None, f"no TensorRT: `import tensorrt` failed and trtexec is not on PATH; {INSTALL_HINT}"
+            why = "build.backend=tensorrt-rtx but tensorrt_rtx_bindings is not installed"
+    if found is None:
+        if wanted == "auto":
+            why = f"no TensorRT: `import tensorrt` failed and trtexec is not on PATH; {INSTALL_HINT}"
+        return Target(backend="none", unavailable=why)
+    name, cc = gpu_info()
+    return Target(backend=found[0], version=found[1], gpu=name, compute_capability=cc)
 
 
 def onnx_input(onnx_path: Path) -> tuple[str, list[int]]:
@@ -188,18 +192,9 @@ def parse_trtexec_performance(text: str, batch: int) -> dict:
 
 
 def build_with_api(backend: str, onnx_path: Path, engine_path: Path, cfg: BuildConfig, timing_cache: Path) -> dict:
-    trt = _import_api(backend)
+    trt = import_backend(backend)
     log: list[str] = []
-
-    class Capture(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-
-        def log(self, severity, msg):
-            if severity <= trt.ILogger.Severity.WARNING:
-                log.append(f"[{severity.name}] {msg}")
-
-    logger = Capture()
+    logger = capturing_logger(trt, log)
     builder = trt.Builder(logger)
     flags = 0
     strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
@@ -233,9 +228,23 @@ def build_with_api(backend: str, onnx_path: Path, engine_path: Path, cfg: BuildC
     return {"seconds": seconds, "log": log}
 
 
+def capturing_logger(trt, messages: list[str], ignore: tuple[str, ...] = ()):
+    """A TensorRT (or TensorRT-RTX) logger that keeps warnings and errors, less lines containing ``ignore``."""
+
+    class Capture(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+
+        def log(self, severity, msg):
+            if severity <= trt.ILogger.Severity.WARNING and not any(s in msg for s in ignore):
+                messages.append(f"[{severity.name}] {msg}")
+
+    return Capture()
+
+
 def layer_info_with_api(backend: str, engine_path: Path) -> str | None:
     """The engine inspector's JSON (needs a GPU to deserialize; None where there is none)."""
-    trt = _import_api(backend)
+    trt = import_backend(backend)
     try:
         runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
         engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
@@ -262,44 +271,7 @@ def precision_census(layer_info_json: str | None) -> dict | None:
     return counts
 
 
-def build_engines(repaired: dict[str, Path], cfg: BuildConfig, target: Target, out_dir: Path) -> dict:
-    """Build every (variant, encoder) engine into ``out_dir``; the report's facts for each."""
-    timing_cache = out_dir / "timing.cache"
-    results: dict[str, dict] = {}
-    for name, onnx_path in sorted(repaired.items()):
-        entry: dict = {"onnx": str(onnx_path)}
-        if name.startswith("fp8") and not fp8_supported(target.compute_capability):
-            entry["skip_reason"] = (f"FP8 needs compute capability >= 8.9; {target.gpu} is "
-                                    f"{target.compute_capability}")
-            results[name] = entry
-            continue
-        engine_path = out_dir / f"{name}.engine"
-        layer_path = out_dir / f"{name}.layers.json"
-        if target.backend == "trtexec":
-            cmd = trtexec_build_command(shutil.which("trtexec") or "trtexec", target.version, onnx_path, engine_path,
-                                        cfg, timing_cache, layer_path)
-            t0 = time.perf_counter()
-            run = subprocess.run(cmd, capture_output=True, text=True)
-            (out_dir / f"{name}.build.log").write_text(" ".join(cmd) + "\n" + run.stdout + run.stderr)
-            if run.returncode != 0:
-                raise RuntimeError(f"trtexec failed on {onnx_path.name} (see {name}.build.log)")
-            entry["build_seconds"] = time.perf_counter() - t0
-            layer_info = layer_path.read_text() if layer_path.exists() else None
-        else:
-            built = build_with_api(target.backend, onnx_path, engine_path, cfg, timing_cache)
-            (out_dir / f"{name}.build.log").write_text("\n".join(built["log"]))
-            entry["build_seconds"] = built["seconds"]
-            layer_info = layer_info_with_api(target.backend, engine_path)
-            if layer_info:
-                layer_path.write_text(layer_info)
-        entry["engine"] = str(engine_path)
-        entry["engine_bytes"] = engine_path.stat().st_size
-        entry["precision"] = precision_census(layer_info) or "unavailable (layer information needs a GPU)"
-        results[name] = entry
-    return {"target": asdict(target), "engines": results}
-
-
-def bench_inputs(shape: tuple[int, ...], dtype, seed: int, vocab: int = 49408):
+def bench_inputs(shape: tuple[int, ...], dtype, seed: int, vocab: int = CLIP_VOCAB_SIZE):
     """The inputs every variant of one encoder gets at one batch size: token ids below ``vocab`` or pixels,
     seeded by the batch so the FP16 engine, the FP8 engine and PyTorch see the same values."""
     import torch
@@ -310,7 +282,7 @@ def bench_inputs(shape: tuple[int, ...], dtype, seed: int, vocab: int = 49408):
     return torch.randn(shape, dtype=torch.float32, device="cuda", generator=g).to(dtype)
 
 
-def onnx_vocab_size(onnx_path: Path, default: int = 49408) -> int:
+def onnx_vocab_size(onnx_path: Path, default: int = CLIP_VOCAB_SIZE) -> int:
     """Rows of the token-embedding table the text graph gathers ``input_ids`` from (CLIP's 49,408 if not found)."""
     import onnx
 
@@ -331,14 +303,14 @@ def timing_row(stats: dict, batch: int) -> dict:
             "throughput_samples_s": batch * 1000 / stats["median_ms"], "cv": stats["cv"], "unstable": stats["cv"] > UNSTABLE_CV}
 
 
-def _time_with_api(backend: str, engine_path: Path, batch: int, warmup_ms: int, duration_s: int,
-                   vocab: int = 49408) -> dict:
+def time_engine(backend: str, engine_path: Path, batch: int, warmup_ms: int, duration_s: int,
+                   vocab: int = CLIP_VOCAB_SIZE) -> dict:
     """Time ``execute_async_v3`` on device-resident inputs, replayed from a CUDA graph where it captures."""
     import torch
 
     from clip_fp8.timing import capture_graph, time_cuda
 
-    trt = _import_api(backend)
+    trt = import_backend(backend)
     runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
     engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
     context = engine.create_execution_context()
@@ -369,76 +341,3 @@ def _time_with_api(backend: str, engine_path: Path, batch: int, warmup_ms: int, 
     weights = engine.get_engine_stat(trt.EngineStat.TOTAL_WEIGHTS_SIZE) if hasattr(trt, "EngineStat") else None
     return {**timing_row(stats, batch), "cuda_graph": graph is not None, **({"cuda_graph_note": why_not} if why_not else {}),
             "activation_bytes": int(activations), "weights_bytes": None if weights is None else int(weights)}
-
-
-def _tower_bytes(model, encoder: str) -> int:
-    parts = ("text_model", "text_projection") if encoder == "text" else ("vision_model", "visual_projection")
-    return sum(p.numel() * p.element_size() for part in parts for p in getattr(model, part).parameters())
-
-
-def benchmark_pytorch(model_path: str, model_cfg, onnx_files: dict[str, Path], cfg) -> list[dict]:
-    """The baselines users run today, timed the same way: the FP16 model with SDPA attention, eager (and
-    ``torch.compile`` when asked), on the same inputs as the engines. GPU only."""
-    import torch
-
-    from clip_fp8.encoders import ImageEncoder, TextEncoder
-    from clip_fp8.timing import time_cuda
-    from tasks.model import load_clip
-
-    model = load_clip(model_path, model_cfg.model_copy(update={"device": "cuda", "dtype": "float16"}))
-    rows = []
-    for encoder_name, wrap in (("text", TextEncoder), ("image", ImageEncoder)):
-        onnx_path = onnx_files.get(f"fp16_{encoder_name}")
-        if onnx_path is None:
-            continue
-        _, dims = onnx_input(onnx_path)
-        module = wrap(model).eval()
-        for variant in cfg.pytorch_baselines:
-            runner = module if variant == "eager" else torch.compile(module, dynamic=False)
-            for batch in cfg.batch_sizes:
-                shape = (batch, *dims[1:])
-                x = bench_inputs(shape, torch.int64 if encoder_name == "text" else torch.float16, batch,
-                                 model.config.text_config.vocab_size)
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                with torch.inference_mode():
-                    stats = time_cuda(lambda i: runner(x), warmup_s=cfg.warmup_ms / 1000, duration_s=cfg.duration_s)
-                rows.append({"engine": f"pytorch-{variant}_{encoder_name}", "variant": f"pytorch-{variant}",
-                             "encoder": encoder_name, "batch": batch,
-                             **timing_row(stats, batch), "cuda_graph": False,
-                             "activation_bytes": torch.cuda.max_memory_allocated() - base,
-                             "weights_bytes": _tower_bytes(model, encoder_name)})
-    del model
-    torch.cuda.empty_cache()
-    return rows
-
-
-def benchmark_engines(engine_dir: Path, built: dict, cfg, out_dir: Path) -> dict:
-    """Time every built engine at every batch size; one row per (engine, batch)."""
-    target = Target(**built["target"])
-    rows, skipped = [], {}
-    for name, entry in sorted(built["engines"].items()):
-        if "skip_reason" in entry:
-            skipped[name] = entry["skip_reason"]
-            continue
-        engine_path = engine_dir / entry["engine"]
-        if target.backend == "tensorrt-rtx":
-            skipped[name] = "TensorRT-RTX engines run on RTX GPUs only; not timed here"
-            continue
-        input_name, dims = onnx_input(Path(entry["onnx"]))
-        for batch in cfg.batch_sizes:
-            if target.backend == "trtexec":
-                cmd = trtexec_benchmark_command(shutil.which("trtexec") or "trtexec", target.version, engine_path,
-                                                input_name, (batch, *dims[1:]), cfg.warmup_ms, cfg.duration_s)
-                run = subprocess.run(cmd, capture_output=True, text=True)
-                (out_dir / f"{name}.b{batch}.log").write_text(" ".join(cmd) + "\n" + run.stdout + run.stderr)
-                if run.returncode != 0:
-                    raise RuntimeError(f"trtexec benchmark of {name} at batch {batch} failed (see {name}.b{batch}.log)")
-                stats = parse_trtexec_performance(run.stdout, batch)
-            else:
-                vocab = onnx_vocab_size(Path(entry["onnx"])) if dims and len(dims) == 2 else 49408
-                stats = _time_with_api(target.backend, engine_path, batch, cfg.warmup_ms, cfg.duration_s, vocab)
-            variant, encoder = name.split("_", 1)
-            rows.append({"engine": name, "variant": variant, "encoder": encoder, "batch": batch,
-                         "engine_bytes": entry["engine_bytes"], **stats})
-    return {"target": asdict(target), "rows": rows, "skipped": skipped}

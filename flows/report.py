@@ -15,9 +15,11 @@ def render_markdown(summary: dict[str, Any]) -> str:
                  f"promotable: **{summary.get('promotable')}**; status: **{summary['status']}**.")
     if summary.get("error"):
         lines += ["", f"> {summary['error']}"]
-    lines += ["", "## Stages", "", "| stage | status | seconds | note |", "|---|---|---|---|"]
+    lines += ["", "## Stages", "", "Stages of independent branches run at the same time; `start` and `end` are seconds "
+              "since the run began.", "", "| stage | status | seconds | start | end | note |", "|---|---|---|---|---|---|"]
     for name, stage in summary["stages"].items():
-        lines.append(f"| {name} | {stage['status']} | {stage['seconds']:.2f} | {stage.get('note', '')} |")
+        span = [f"{stage[k]:.1f}" if k in stage else "—" for k in ("start_s", "end_s")]
+        lines.append(f"| {name} | {stage['status']} | {stage['seconds']:.2f} | {span[0]} | {span[1]} | {stage.get('note', '')} |")
     if summary.get("all_cached"):
         lines += ["", "Nothing changed since the last run: every stage came from the cache."]
 

@@ -1,9 +1,7 @@
-"""Calibration data: a deterministic, seeded subset of image-caption pairs, and its batches.
+"""Calibration sources: where image-caption pairs come from, how they are read, and their batches.
 
-The stage's artifact is a manifest (which pairs, with each image's content digest), not the
-preprocessed tensors: 8,192 ViT-L/14 inputs are 2.4 GB in FP16, while the manifest is a few hundred
-KB and pins the content just as well. Preprocessing runs inside quantization with the model's own
-processor, batch by batch.
+The calibration_data stage selects from a source into a manifest; quantization and the ONNX check
+read the manifest's pairs back through ``iter_calibration_batches``.
 
 Sources (``calibration.source``):
 - ``embedded:shapes``: generated on the fly (``clip_fp8.synthetic``); the generator is the data.
@@ -19,13 +17,9 @@ never its path.
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import json
 from pathlib import Path
 from typing import Iterator
-
-import numpy as np
 
 from clip_fp8 import synthetic
 from clip_fp8.artifacts import ArtifactRef, sha256_file, sha256_json
@@ -39,8 +33,7 @@ def resolve_data_source(cfg: CalibrationConfig) -> ArtifactRef:
     """Locate the source and fingerprint it cheaply (the stage digests the images it selects)."""
     kind, _, location = cfg.source.partition(":")
     if kind == "embedded" and location == "shapes":
-        digest = hashlib.sha256(inspect.getsource(synthetic).encode()).hexdigest()
-        return ArtifactRef(stage="data_source", path="", digest=digest, meta={"kind": "embedded", "source": cfg.source})
+        return ArtifactRef(stage="data_source", path="", digest=synthetic.digest(), meta={"kind": "embedded", "source": cfg.source})
     if kind == "coco":
         folder = _existing_folder(location, cfg.source)
         captions = _find_captions_file(folder, cfg.captions_file, cfg.source)
@@ -225,7 +218,7 @@ def _json_caption(raw: str) -> str:
     return str(data.get("caption") or data.get("text") or "").strip()
 
 
-def _source_pairs(source: ArtifactRef, cfg: CalibrationConfig) -> list[tuple[str, str]]:
+def source_pairs(source: ArtifactRef, cfg: CalibrationConfig) -> list[tuple[str, str]]:
     kind = source.meta["kind"]
     if kind == "coco":
         return _coco_pairs(source)
@@ -268,62 +261,8 @@ def open_image(data: bytes):
     return image.convert("RGB")
 
 
-def select_calibration_pairs(source: ArtifactRef, cfg: CalibrationConfig) -> dict:
-    """The manifest: ``cfg.num_samples`` pairs chosen by ``cfg.seed``, one caption per image."""
-    from PIL import Image
-
-    rng = np.random.default_rng(cfg.seed)
-    if source.meta["kind"] == "embedded":
-        return {
-            "kind": "embedded", "seed": cfg.seed, "source_digest": source.digest, "skipped": 0,
-            "pairs": [{"index": i, "caption": synthetic.make_sample(cfg.seed, i).caption} for i in range(cfg.num_samples)],
-        }
-
-    by_image: dict[str, list[str]] = {}
-    for image, caption in _source_pairs(source, cfg):
-        by_image.setdefault(image, []).append(caption)
-    images = sorted(by_image)
-    if cfg.num_samples > len(images):
-        raise PipelineInputError(
-            f"calibration.num_samples={cfg.num_samples} exceeds the {len(images)} captioned images in "
-            f"'{source.meta['source']}'; lower calibration.num_samples or add data"
-        )
-    kind, cache = source.meta["kind"], {}
-    pairs, skipped = [], []
-    for i in rng.permutation(len(images)):
-        if len(pairs) == cfg.num_samples:
-            break
-        rel = images[i]
-        try:
-            data = image_bytes(kind, source.path, rel, cfg, cache)
-            open_image(data).load()
-        except Exception:
-            skipped.append(rel)
-            continue
-        captions = by_image[rel]
-        pairs.append({"image": rel, "sha256": hashlib.sha256(data).hexdigest(), "caption": captions[rng.integers(len(captions))]})
-    bad_fraction = len(skipped) / max(1, len(pairs) + len(skipped))
-    if bad_fraction > cfg.max_bad_fraction or len(pairs) < cfg.num_samples:
-        raise PipelineInputError(
-            f"calibration.source '{source.meta['source']}': {len(skipped)} unreadable images "
-            f"(e.g. '{skipped[0] if skipped else '-'}'), {len(pairs)} usable of {cfg.num_samples} wanted; "
-            f"fix the images or raise calibration.max_bad_fraction ({cfg.max_bad_fraction})"
-        )
-    manifest = {"kind": kind, "seed": cfg.seed, "source_digest": source.digest, "skipped": len(skipped),
-                "skipped_examples": skipped[:20], "pairs": pairs}
-    if kind == "hf":  # the loader needs these to find the rows again
-        manifest["hf"] = {"split": cfg.split, "image_column": cfg.image_column, "caption_column": cfg.caption_column}
-    return manifest
-
-
-def manifest_digest(manifest: dict) -> str:
-    return sha256_json(manifest)
-
-
 def iter_calibration_batches(manifest: dict, root: str, processor, batch_size: int) -> Iterator[dict]:
     """Preprocessed batches (``pixel_values``, ``input_ids``) in manifest order, via the model's processor."""
-    from PIL import Image
-
     pairs = manifest["pairs"]
     context = processor.tokenizer.model_max_length
     cache: dict = {}

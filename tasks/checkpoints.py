@@ -1,18 +1,25 @@
-"""Baseline model: find a CLIP checkpoint, prove it is one, fingerprint it, load it.
+"""Checkpoints: find a CLIP checkpoint, prove it is one, fingerprint it; load it, or its FP8 version.
 
 Sources: ``embedded:tiny-clip-shapes`` (shipped with the package), a local transformers directory,
 a Hugging Face Hub id (optionally pinned with ``model.revision``), or an open_clip model converted to
-a transformers directory (``tasks.openclip``). Safetensors only and
-``trust_remote_code`` off: a checkpoint is data, never code.
+a transformers directory (``clip_fp8.tasks.openclip``). Safetensors only and ``trust_remote_code``
+off: a checkpoint is data, never code.
+
+Attention: CLIP's SDPA path is a functional call that ModelOpt's module walk cannot see. ModelOpt's
+Hugging Face plugin replaces ``CLIPAttention`` with a quantized attention (``q/k/v_bmm_quantizer``
+around the SDPA call, ``p_bmm_quantizer`` for the softmax output); it is registered explicitly, before
+quantizing and before every restore, because a restore without it fails or silently drops attention.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 from clip_fp8 import ASSETS_DIR
 from clip_fp8.artifacts import ArtifactRef, sha256_tree
+from clip_fp8.clip import CLIP_FORWARD_LOCK
 from clip_fp8.config import ModelConfig
 from clip_fp8.errors import PipelineInputError
 
@@ -52,7 +59,7 @@ def resolve_model_source(cfg: ModelConfig) -> ArtifactRef:
             raise PipelineInputError(f"model.source '{source}': unknown embedded model (known: {', '.join(EMBEDDED_MODELS)})")
         path = EMBEDDED_MODELS[name]
     elif source.startswith("open_clip:"):
-        from tasks.openclip import convert
+        from clip_fp8.tasks.openclip import convert
 
         path = convert(source.split(":", 1)[1], cfg.pretrained, cfg.allow_pickle)
     elif Path(source).expanduser().is_dir():
@@ -61,8 +68,9 @@ def resolve_model_source(cfg: ModelConfig) -> ArtifactRef:
         path = _download_from_hub(source, cfg.revision)
     else:
         raise PipelineInputError(
-            f"model.source '{source}' is neither an existing directory nor a Hub id (org/name); "
-            "pass a transformers CLIP directory or a Hub id"
+            f"model.source '{source}' is neither an existing directory nor a Hub id (org/name); pass a transformers "
+            f"CLIP directory, a Hub id, `open_clip:<name or config JSON>` or one of "
+            + ", ".join(f"'embedded:{name}'" for name in EMBEDDED_MODELS)
         )
 
     config_file = path / "config.json"
@@ -125,21 +133,40 @@ def load_processor(path: str | Path):
     return CLIPProcessor.from_pretrained(str(path))
 
 
-def describe_baseline(source: ArtifactRef, cfg: ModelConfig) -> dict:
-    """Load the baseline once: proves it loads, and records what the report needs to know of it."""
-    model = load_clip(source.path, cfg)
-    vision, text = model.config.vision_config, model.config.text_config
-    return {
-        "source": source.meta.get("source"),
-        "revision": source.meta.get("revision"),
-        "digest": source.digest,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "device": str(next(model.parameters()).device),
-        "image_size": vision.image_size,
-        "patch_size": vision.patch_size,
-        "context_length": text.max_position_embeddings,
-        "vision_layers": vision.num_hidden_layers,
-        "text_layers": text.num_hidden_layers,
-        "projection_dim": model.config.projection_dim,
-    }
+# ModelOpt's module registry and its Hugging Face checkpointing hooks are process-global: two stages
+# restoring at once in one process (evaluate beside surgery) must not register the same class twice.
+_MODELOPT_LOCK = threading.Lock()
+
+
+def register_quantized_attention(model) -> None:
+    """Swap ``CLIPAttention`` for ModelOpt's quantized attention (must precede quantize and restore)."""
+    from modelopt.torch.quantization.plugins.huggingface import register_hf_attentions_on_the_fly
+
+    with _MODELOPT_LOCK:
+        register_hf_attentions_on_the_fly(model)
+
+
+def load_quantized(checkpoint: str | Path, model_cfg: ModelConfig, attn_implementation: str = "sdpa"):
+    """Restore the fake-quantized model from a checkpoint written by the quantize stage."""
+    import modelopt.torch.opt as mto
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    # The quantized-attention class must be registered before from_pretrained restores modelopt_state.
+    config = CLIPConfig.from_pretrained(str(checkpoint))
+    config._attn_implementation = attn_implementation
+    with torch.device("meta"):  # structure only: no weights allocated for the registration walk
+        register_quantized_attention(CLIPModel(config))
+    device = pick_device(model_cfg)
+    with CLIP_FORWARD_LOCK, _MODELOPT_LOCK:  # this order everywhere: an export holds the first, then restores
+        mto.enable_huggingface_checkpointing()
+        model = CLIPModel.from_pretrained(
+            str(checkpoint), dtype=pick_dtype(model_cfg, device), attn_implementation=attn_implementation,
+            use_safetensors=True, trust_remote_code=False,
+        )
+    return model.eval().to(device)
+
+
+def load_variant(variant: str, model_source: str | Path, checkpoint: str | Path | None, model_cfg: ModelConfig):
+    """The baseline for ``fp16``, the fake-quantized model for ``fp8``."""
+    return load_clip(model_source, model_cfg) if variant == "fp16" else load_quantized(checkpoint, model_cfg)

@@ -1,0 +1,143 @@
+"""The Prefect layer over the stage functions: one generic wrapper gives every stage the same task.
+
+``stage_task(fn)`` turns a plain stage function (``clip_fp8.stage``) into a Prefect task whose
+parameters are the function's own (less ``out_dir``, plus the ``store`` to publish into), with:
+- caching: ``StagePolicy`` keys it with ``clip_fp8.caching.stage_key`` (content, settings, the source of
+  every module it imports, library versions), computed once by Prefect and read back inside the task;
+- retries for transient failures only (``clip_fp8.errors.is_transient`` decides);
+- atomic publication (``clip_fp8.stage.execute``) and the stage's markdown reports as UI artifacts,
+  also those a failing stage attaches to its error (the audit table, the gate table);
+- its imports resolved before it runs, one stage at a time (``clip_fp8.imports.preload``: lazy
+  packages are not thread-safe to resolve);
+- an optional Prefect concurrency limit named from the inputs (the benchmark's ``gpu:<GPU name>``);
+- wall-clock start and end of each execution, for the run report (cache hits do not execute).
+Result records and cache-key locks are per run (``output.root``): ``stage_results`` sets them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import CachePolicy
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.results import ResultStore, resolve_result_storage
+from prefect.transactions import get_transaction
+
+from clip_fp8.artifacts import ArtifactRef, ArtifactStore
+from clip_fp8.caching import stage_key
+from clip_fp8.errors import PipelineError, is_transient
+from clip_fp8.imports import preload
+from clip_fp8.locking import LeasedFileLockManager
+from clip_fp8.stage import bind_inputs, execute, stage_name, stage_parameters
+
+# task run id -> (start, end) wall-clock seconds of executions in this process.
+EXECUTIONS: dict[str, tuple[float, float]] = {}
+_EXECUTIONS_LOCK = threading.Lock()
+
+
+@dataclass
+class StagePolicy(CachePolicy):
+    """Prefect's cache key for a stage: ``stage_key`` over the task's bound inputs."""
+
+    fn: Callable | None = None
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str:
+        return stage_key(self.fn, inputs)
+
+
+def retry_transient_only(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except Exception as exc:  # noqa: BLE001 - the point is to classify it
+        return is_transient(exc)
+    return False
+
+
+def publish_reports(reports: dict[str, str], stage: str) -> None:
+    for key, markdown in reports.items():
+        create_markdown_artifact(key=key, markdown=markdown, description=f"clip-fp8 {stage}")
+
+
+def stage_task(fn: Callable, *, retries: int = 0, timeout_seconds: float | None = None,
+               limit: Callable[[dict[str, Any]], str | None] | None = None):
+    """The Prefect task of stage ``fn``: same parameters, cached, retried, published (see module docstring)."""
+    name = stage_name(fn)
+
+    def run_stage(*args, store: ArtifactStore, **kwargs) -> ArtifactRef:
+        inputs = bind_inputs(fn, args, kwargs)
+        key = get_transaction().key  # the cache key Prefect computed with StagePolicy, not recomputed
+        started = time.time()
+        preload(fn.__module__)  # the stage's imports, resolved one thread at a time
+        try:
+            if limit is not None and (limit_name := limit(inputs)):
+                from prefect.concurrency.sync import concurrency
+
+                # strict=False: without the limit (a bare `clip-fp8 run`), run unthrottled.
+                with concurrency(limit_name, occupy=1, strict=False):
+                    ref = execute(fn, store, key, inputs)
+            else:
+                ref = execute(fn, store, key, inputs)
+        except PipelineError as exc:
+            publish_reports(exc.reports, name)
+            raise
+        finally:
+            run = TaskRunContext.get()
+            if run is not None:
+                with _EXECUTIONS_LOCK:
+                    EXECUTIONS[str(run.task_run.id)] = (started, time.time())
+        publish_reports({k.removeprefix("report:"): ref.file(k).read_text() for k in ref.files if k.startswith("report:")},
+                        name)
+        return ref
+
+    params = [*stage_parameters(fn),
+              inspect.Parameter("store", inspect.Parameter.KEYWORD_ONLY, annotation=ArtifactStore)]
+    run_stage.__signature__ = inspect.Signature(params, return_annotation=ArtifactRef)
+    run_stage.__name__ = run_stage.__qualname__ = name
+    run_stage.__doc__ = fn.__doc__
+    run_stage.__wrapped_stage__ = fn  # the plain function, for tools and tests
+    return task(
+        run_stage,
+        name=name,
+        cache_policy=StagePolicy(fn=fn, isolation_level="SERIALIZABLE"),
+        persist_result=True,
+        retries=retries,
+        retry_delay_seconds=[2, 10, 30][:retries] if retries else 0,
+        retry_jitter_factor=0.5 if retries else None,
+        retry_condition_fn=retry_transient_only,
+        timeout_seconds=timeout_seconds,
+    )
+
+
+def result_storage(store: ArtifactStore):
+    """Prefect result storage for a store: a local path, or a saved RemoteFileSystem block at
+    ``<url>/prefect-results`` (Prefect requires a remote one saved), so every worker sees every cache hit."""
+    if not store.remote:
+        return store.results.resolve()
+    from prefect.filesystems import RemoteFileSystem
+
+    name = f"clip-fp8-results-{hashlib.sha256(store.url.encode()).hexdigest()[:12]}"
+    RemoteFileSystem(basepath=f"{store.url}/prefect-results").save(name, overwrite=True)
+    return f"remote-file-system/{name}"
+
+
+@contextmanager
+def stage_results(store: ArtifactStore):
+    """Within the block, stage tasks keep their result and cache records beside the artifacts (a local
+    path, or a RemoteFileSystem block for a URL store) and lock cache keys with leases that a killed run
+    cannot keep (``clip_fp8.locking``). Prefect reads both from the flow run's result store, which this
+    replaces for the block; the task runner's threads inherit it."""
+    context = FlowRunContext.get()
+    result_store = ResultStore(
+        result_storage=resolve_result_storage(result_storage(store)),
+        lock_manager=LeasedFileLockManager(store.root.resolve() / "locks"),
+    )
+    with context.model_copy(update={"result_store": result_store}):
+        yield
