@@ -54,7 +54,7 @@ def code_identity(module: str, sources: Mapping[str, str] | None = None) -> dict
 
 
 @functools.cache
-def _cached_identity(module: str) -> str:
+def stage_code_digest(module: str) -> str:
     # Source files do not change under a running process (a deployment re-imports per flow run).
     return sha256_json(code_identity(module))
 
@@ -81,7 +81,7 @@ def stage_key(fn: Callable, inputs: dict[str, Any]) -> str:
 
     return sha256_json({
         "stage": stage_name(fn),
-        "code": _cached_identity(fn.__module__),
+        "code": stage_code_digest(fn.__module__),
         "inputs": {k: canonical(v) for k, v in sorted(inputs.items()) if not isinstance(v, ArtifactStore)},
     })
 

@@ -65,8 +65,10 @@ def run(
     server = TemporaryServer() if TemporaryServer.needed() else None
     from clip_fp8.errors import PipelineError
     from clip_fp8.flows.pipeline import clip_fp8_pipeline
+    from clip_fp8.flows.stage_task import warm_keys
 
     if server is not None:
+        warm_keys()  # while the server starts
         server.wait()
     try:
         summary = clip_fp8_pipeline(config)

@@ -38,6 +38,9 @@ from clip_fp8.imports import preload
 from clip_fp8.locking import LeasedFileLockManager
 from clip_fp8.stage import bind_inputs, execute, stage_name, stage_parameters
 
+# Every stage function wrapped in this process (the flow module wraps each once).
+STAGES: list[Callable] = []
+
 # task run id -> (start, end) wall-clock seconds of executions in this process.
 EXECUTIONS: dict[str, tuple[float, float]] = {}
 _EXECUTIONS_LOCK = threading.Lock()
@@ -51,6 +54,15 @@ class StagePolicy(CachePolicy):
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str:
         return stage_key(self.fn, inputs)
+
+
+def warm_keys() -> None:
+    """Compute the code part of every stage's key now (import graph, library versions: about a second on
+    2 cores), e.g. while a Prefect server starts, instead of in the first cache lookup."""
+    from clip_fp8.caching import stage_code_digest
+
+    for fn in STAGES:
+        stage_code_digest(fn.__module__)
 
 
 def retry_transient_only(task, task_run, state) -> bool:
@@ -70,6 +82,7 @@ def stage_task(fn: Callable, *, retries: int = 0, timeout_seconds: float | None 
                limit: Callable[[dict[str, Any]], str | None] | None = None):
     """The Prefect task of stage ``fn``: same parameters, cached, retried, published (see module docstring)."""
     name = stage_name(fn)
+    STAGES.append(fn)
 
     def run_stage(*args, store: ArtifactStore, **kwargs) -> ArtifactRef:
         inputs = bind_inputs(fn, args, kwargs)
