@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Optional
 
@@ -49,6 +49,21 @@ class LeasedFileLockManager(FileSystemLockManager):
     def release_lock(self, key: str, holder: str) -> None:
         self._stop_renewing(key)
         super().release_lock(key, holder)
+
+    def _get_lock_info(self, key: str, use_cache: bool = True):
+        try:
+            return super()._get_lock_info(key, use_cache=use_cache)
+        except ValueError:
+            # A holder killed while Prefect wrote its lock file leaves it empty or torn (seen: SIGKILL during a
+            # run's first lock). Read it as a lease from when it was written, by nobody alive, so it expires
+            # like any other instead of failing every later run with a JSON error.
+            path = self._lock_path_for_key(key)
+            try:
+                written = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+            except FileNotFoundError:
+                return None
+            return {"holder": "unreadable lock file", "path": path,
+                    "expiration": written + timedelta(seconds=self.lease_seconds)}
 
     def is_locked(self, key: str, use_cache: bool = False) -> bool:
         try:
