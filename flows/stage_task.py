@@ -36,7 +36,7 @@ from clip_fp8.caching import stage_key
 from clip_fp8.errors import PipelineError, is_transient
 from clip_fp8.imports import preload
 from clip_fp8.locking import LeasedFileLockManager
-from clip_fp8.stage import bind_inputs, execute, stage_name, stage_parameters
+from clip_fp8.stage import bind_inputs, execute, reports_of, stage_name, stage_parameters
 
 # Every stage function wrapped in this process (the flow module wraps each once).
 STAGES: list[Callable] = []
@@ -106,8 +106,7 @@ def stage_task(fn: Callable, *, retries: int = 0, timeout_seconds: float | None 
             if run is not None:
                 with _EXECUTIONS_LOCK:
                     EXECUTIONS[str(run.task_run.id)] = (started, time.time())
-        publish_reports({k.removeprefix("report:"): ref.file(k).read_text() for k in ref.files if k.startswith("report:")},
-                        name)
+        publish_reports(reports_of(ref), name)
         return ref
 
     params = [*stage_parameters(fn),
