@@ -30,6 +30,9 @@ from pydantic import BaseModel, Field
 
 CHUNK = 1 << 20
 COMPLETE = ".clip-fp8-complete.json"
+# Inside every published artifact: its ArtifactRef, so a run that died after publishing but before Prefect
+# recorded the result still finds the artifact under its key (``ArtifactStore.published``).
+REF_FILE = ".clip-fp8-ref.json"
 CACHE_ENV = "CLIP_FP8_CACHE_DIR"
 
 
@@ -210,5 +213,20 @@ class ArtifactStore:
         ref = ArtifactRef(stage=stage, path=str(final), digest=sha256_tree(final), files=files, meta=meta or {})
         if self.remote:
             ref.uri = f"{self.url}/store/{stage}/{key}"
+        write_json_atomic(final / REF_FILE, ref.model_dump(mode="json"))  # after the digest: not part of it
+        if self.remote:
             upload_dir(final, ref.uri)
+        return ref
+
+    def published(self, stage: str, key: str) -> ArtifactRef | None:
+        """The artifact already published under ``key`` on this host, or None. Keys name content, so what
+        is there is what the stage would compute; a directory without its ref file (a publisher killed
+        between the rename and the ref) is not trusted, and the stage runs again."""
+        try:
+            ref = ArtifactRef.model_validate_json((self.final_dir(stage, key) / REF_FILE).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        ref.path = str(self.final_dir(stage, key))  # where it is now (the output root may have moved)
+        if self.remote and ref.uri:
+            upload_dir(Path(ref.path), ref.uri)  # the publisher may have died before its upload finished
         return ref

@@ -32,7 +32,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from clip_fp8.artifacts import ArtifactRef, ArtifactStore, atomic_write, write_json_atomic
 from clip_fp8.config import PipelineConfig
 from clip_fp8.flows.report import plot_benchmark, render_markdown
-from clip_fp8.flows.stage_task import EXECUTIONS, stage_results, stage_task
+from clip_fp8.flows.stage_task import EXECUTIONS, REUSED, stage_results, stage_task
 from clip_fp8.stage import reports_of
 from clip_fp8.tasks.audit import audit
 from clip_fp8.tasks.baseline_model import baseline_model
@@ -129,7 +129,8 @@ class RunRecord:
             if state.is_completed():
                 ref = state.result()
                 self.refs[label] = ref
-                record["status"] = "skipped" if "skip_reason" in ref.meta else "cached" if state.name == "Cached" else "completed"
+                cached = state.name == "Cached" or str(future.task_run_id) in REUSED
+                record["status"] = "skipped" if "skip_reason" in ref.meta else "cached" if cached else "completed"
                 record["note"] = ref.meta.get("skip_reason") or ref.meta.get("note", "")
             elif state.is_failed() or state.is_crashed():
                 exc = state.result(raise_on_failure=False)

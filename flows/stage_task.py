@@ -43,6 +43,9 @@ STAGES: list[Callable] = []
 
 # task run id -> (start, end) wall-clock seconds of executions in this process.
 EXECUTIONS: dict[str, tuple[float, float]] = {}
+# task run ids that found their artifact already published (a run killed after publishing, before Prefect
+# recorded its result): nothing executed, so the report calls them cached.
+REUSED: set[str] = set()
 _EXECUTIONS_LOCK = threading.Lock()
 
 
@@ -87,6 +90,12 @@ def stage_task(fn: Callable, *, retries: int = 0, timeout_seconds: float | None 
     def run_stage(*args, store: ArtifactStore, **kwargs) -> ArtifactRef:
         inputs = bind_inputs(fn, args, kwargs)
         key = get_transaction().key  # the cache key Prefect computed with StagePolicy, not recomputed
+        run = TaskRunContext.get()
+        if (ref := store.published(name, key)) is not None:
+            if run is not None:
+                with _EXECUTIONS_LOCK:
+                    REUSED.add(str(run.task_run.id))
+            return ref
         started = time.time()
         preload(fn.__module__)  # the stage's imports, resolved one thread at a time
         try:
@@ -102,7 +111,6 @@ def stage_task(fn: Callable, *, retries: int = 0, timeout_seconds: float | None 
             publish_reports(exc.reports, name)
             raise
         finally:
-            run = TaskRunContext.get()
             if run is not None:
                 with _EXECUTIONS_LOCK:
                     EXECUTIONS[str(run.task_run.id)] = (started, time.time())

@@ -98,6 +98,27 @@ def test_second_run_is_served_from_cache(first_run):
     assert again["artifacts"]["checkpoint"] == first["artifacts"]["checkpoint"]
 
 
+def test_published_artifacts_are_reused_without_prefects_records(first_run, tmp_path):
+    """A run killed after a stage published its artifact but before Prefect wrote the result record: the
+    artifact under its key is the stage's output, so the next run reuses it. Here the store alone is moved
+    to a new root (no Prefect records at all); an artifact missing its ref file is not trusted."""
+    import shutil
+
+    from clip_fp8.artifacts import REF_FILE
+
+    config, first = first_run
+    moved = tmp_path / "moved"
+    shutil.copytree(Path(config.output.root) / "store", moved / "store", symlinks=True)
+    (audit_dir,) = (moved / "store" / "audit").iterdir()
+    (audit_dir / REF_FILE).unlink()  # as if the publisher died between the rename and the ref
+    again = clip_fp8_pipeline(config.with_overrides([f"output.root={moved}"]))
+    status = {name: again["stages"][name]["status"] for name in CPU_STAGES}
+    assert status == {**{name: "cached" for name in CPU_STAGES}, "audit": "completed"}, status
+    assert again["metrics"] == first["metrics"]
+    assert again["artifacts"]["checkpoint"].startswith(str(moved))
+    assert (audit_dir / REF_FILE).is_file()
+
+
 def test_changing_an_evaluation_setting_reruns_only_evaluation(first_run):
     config, _ = first_run
     changed = config.with_overrides(["evaluation.num_samples=500"])
