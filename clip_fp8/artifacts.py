@@ -21,6 +21,8 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
+import threading
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -74,6 +76,36 @@ def download_dir(uri: str, local: Path) -> Path:
     return local
 
 
+# Private directories in use by this process (staging, export scratch). An interrupted CLI run exits without
+# unwinding the stage threads that own them, so it removes them here (``remove_scratch``) before it exits.
+_SCRATCH: set[Path] = set()
+_SCRATCH_LOCK = threading.Lock()
+
+
+@contextmanager
+def scratch_directory(parent: Path | None = None, prefix: str = "clip-fp8-") -> Iterator[Path]:
+    """A new empty directory (under ``parent``, else the system temp dir), removed on leaving the block."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    with _SCRATCH_LOCK:
+        _SCRATCH.add(path)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        with _SCRATCH_LOCK:
+            _SCRATCH.discard(path)
+
+
+def remove_scratch() -> list[Path]:
+    """Remove every scratch directory this process still has (an interrupt); return them."""
+    with _SCRATCH_LOCK:
+        paths = sorted(_SCRATCH)
+        _SCRATCH.clear()
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+    return paths
+
+
 @contextmanager
 def atomic_directory(final: Path, keep_existing: bool = False) -> Iterator[Path]:
     """Yield an empty private directory beside ``final``; on success it becomes ``final`` in one rename,
@@ -81,19 +113,13 @@ def atomic_directory(final: Path, keep_existing: bool = False) -> Iterator[Path]
     kept when ``keep_existing``."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name[:16]}-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
+    with scratch_directory(final.parent, prefix=f".tmp-{final.name[:16]}-") as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        if keep_existing:
-            shutil.rmtree(tmp)
-            return
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+        if final.exists():
+            if keep_existing:
+                return
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # the scratch directory is gone: leaving the block removes nothing
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:

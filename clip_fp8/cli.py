@@ -48,11 +48,15 @@ def run(
     config_file: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML or JSON file with PipelineConfig sections."),
     overrides: list[str] = typer.Option([], "--set", "-s", help="Override one field: section.field=value (repeatable)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Shortcut for --set output.root=DIR."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the libraries' warnings, progress bars and tracebacks."),
 ) -> None:
     """Run the whole pipeline once (defaults: the embedded tiny CLIP on generated data, CPU, offline).
 
     Sections of --set and --config: model, calibration, quantization, evaluation, export, build, benchmark,
     output. `clip-fp8 schema` prints every field with its default and description.
+
+    Exit codes: 0 done; 2 bad input or a failed check (one `error:` line names it); 1 a crash; 130 interrupted
+    (re-run the same command to resume from the cache).
     """
     from pydantic import ValidationError as ConfigError
 
@@ -62,21 +66,77 @@ def run(
         typer.echo(f"error: bad configuration: {exc}", err=True)
         raise typer.Exit(2)
 
+    if not verbose:
+        from clip_fp8.console import quiet_environment
+
+        quiet_environment()  # before the libraries are imported
     server = TemporaryServer() if TemporaryServer.needed() else None
+    from clip_fp8.console import quiet_libraries
     from clip_fp8.errors import PipelineError
     from clip_fp8.flows.pipeline import clip_fp8_pipeline
     from clip_fp8.flows.stage_task import warm_keys
 
+    quiet_libraries()
+    _stop_cleanly_on_interrupt(server)
     if server is not None:
         warm_keys()  # while the server starts
         server.wait()
     try:
         summary = clip_fp8_pipeline(config)
-    except PipelineError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2)
+    except Exception as exc:  # noqa: BLE001 - reported as one line, with the stage table; --verbose re-raises
+        if (summary := getattr(exc, "run_summary", None)) is not None:
+            _print_stages(summary)
+        if verbose and not isinstance(exc, PipelineError):
+            raise
+        code = 2 if isinstance(exc, PipelineError) else 1
+        hint = "" if code == 2 else " (re-run with --verbose for the traceback)"
+        typer.echo(f"error: {exc}{hint}" if code == 2 else f"error: {type(exc).__name__}: {_first_line(exc)}{hint}", err=True)
+        if summary is not None:
+            typer.echo(f"report: {summary['artifacts']['report']}", err=True)
+        raise typer.Exit(code)
     _print_stages(summary)
     typer.echo(f"summary: {summary['artifacts']['summary']}")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _stop_cleanly_on_interrupt(server: "TemporaryServer | None") -> None:
+    """Ctrl-C (SIGINT) or SIGTERM: stop within seconds, with one line, exit 130, and leave nothing behind.
+
+    The stages run in worker threads that cannot be interrupted mid-computation, and waiting for them is
+    what made Ctrl-C take minutes. Instead: give back the cache-key locks this process holds, remove its
+    staging and scratch directories, stop its export workers and its temporary server, and exit. Nothing
+    published is lost (publication is one rename), so the same command resumes from the cache.
+    A SIGINT that the parent shell set to be ignored (a background job) stays ignored.
+    """
+    import signal
+
+    def stop(signum, frame) -> None:  # noqa: ARG001
+        import multiprocessing
+
+        from clip_fp8.artifacts import remove_scratch
+        from clip_fp8.flows.stage_task import RUNNING
+        from clip_fp8.locking import release_held_locks
+
+        running = sorted(name for name, count in RUNNING.items() if count > 0)
+        release_held_locks()
+        remove_scratch()
+        for child in multiprocessing.active_children():
+            child.kill()
+        if server is not None:
+            server.stop()
+        where = f"during {', '.join(running)}" if running else "between stages"
+        sys.stderr.write(f"interrupted {where}; re-run the same command to resume\n")
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(130)
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
 
 
 def _die_with_parent() -> None:
@@ -154,12 +214,75 @@ class TemporaryServer:
 
 
 def _print_stages(summary: dict) -> None:
+    import shutil
+    import textwrap
+
     typer.echo(f"\n{'stage':<18}{'status':<11}{'seconds':>9}")
+    indent = 18 + 11 + 9 + 2
+    width = max(40, shutil.get_terminal_size((120, 24)).columns - indent)
     for name, stage in summary["stages"].items():
-        typer.echo(f"{name:<18}{stage['status']:<11}{stage['seconds']:>9.2f}  {stage.get('note', '')[:90]}")
+        note = textwrap.wrap(stage.get("note", ""), width) or [""]  # whole, wrapped under the note column
+        typer.echo(f"{name:<18}{stage['status']:<11}{stage['seconds']:>9.2f}  {note[0]}".rstrip())
+        for more in note[1:]:
+            typer.echo(" " * indent + more)
     for variant, metrics in summary.get("metrics", {}).items():
         typer.echo(f"{variant:>8}: " + ", ".join(f"{k.split('/')[-1]}={v:.4f}" for k, v in metrics.items()))
     typer.echo(f"promotable: {summary['promotable']}")
+
+
+@app.command("history")
+def history_command(
+    output: str = typer.Option("clip-fp8-output", "--output", "-o", help="The runs' output.root (a path or fsspec URL)."),
+    model: Optional[str] = typer.Option(None, help="Only this model (its model.source, or source@revision)."),
+    last: Optional[int] = typer.Option(None, min=1, help="Only the last N records."),
+) -> None:
+    """Print the run history: every run's status, changed/unchanged, gate, regression, promoted version, sizes, latency."""
+    from clip_fp8 import history
+
+    typer.echo(history.render_table(history.table_rows(history.read(output, model=model, last=last))))
+
+
+@app.command()
+def promote(
+    run_name: str = typer.Argument(..., metavar="RUN", help="The run's name (its folder under <output.root>/runs)."),
+    output: str = typer.Option("clip-fp8-output", "--output", "-o", help="The runs' output.root."),
+    repository: Optional[str] = typer.Option(None, help="Triton model repository; default: the run's promotion.repository."),
+    force: bool = typer.Option(False, "--force", help="Promote even if the run failed its gate or regressed (recorded)."),
+) -> None:
+    """Promote a run by hand to the Triton model repository, with the nightly's checks (--force skips them, on record)."""
+    from clip_fp8 import history
+    from clip_fp8.artifacts import ArtifactStore
+    from clip_fp8.config import PipelineConfig
+    from clip_fp8.flows.run_history import promotion_blockers, publish
+
+    summary_path = ArtifactStore(output).root / "runs" / run_name / "summary.json"
+    if not summary_path.is_file():
+        typer.echo(f"error: no run '{run_name}' under {output}/runs (see `clip-fp8 history -o {output}`)", err=True)
+        raise typer.Exit(2)
+    summary = json.loads(summary_path.read_text())
+    config = PipelineConfig.model_validate(summary["config"])
+    if repository:
+        config = config.with_overrides([f"promotion.repository={repository}"])
+    record = next((r for r in reversed(history.read(output)) if r.get("run") == run_name and r.get("kind", "run") == "run"), None)
+    if record is None or not config.promotion.repository:
+        missing = "its history record" if record is None else "a repository (--repository or promotion.repository)"
+        typer.echo(f"error: cannot promote run '{run_name}': no {missing}", err=True)
+        raise typer.Exit(2)
+    blockers = [b for b in promotion_blockers(record, config, by_hand=True) if b != "promotion.repository is not set"]
+    why_not = "; ".join(blockers)
+    if why_not and not force:
+        typer.echo(f"error: run '{run_name}' is not promoted: {why_not}; --force promotes it anyway (recorded)", err=True)
+        raise typer.Exit(2)
+    done = publish(summary, record, config, forced=force)
+    if done.get("version") is None:
+        typer.echo(f"error: run '{run_name}' is not promoted: {done['skipped']}", err=True)
+        raise typer.Exit(2)
+    history.append(output, {"kind": "promotion", "run": run_name, "flow_run_id": record.get("flow_run_id", ""),
+                            "model_key": record["model_key"], "promotion": done,
+                            "metrics": record.get("metrics", {}), "gpu": record.get("gpu"),
+                            "benchmark": record.get("benchmark", {}), "forced_past": why_not or None})
+    typer.echo(f"promoted {run_name} as version {done['version']} to {done['repository']}"
+               + (" (forced)" if force else ""))
 
 
 @app.command()
@@ -168,11 +291,18 @@ def deploy(
     nightly_cron: str = typer.Option("0 2 * * *", help="Cron of the nightly re-quantization."),
     timezone: str = typer.Option("UTC", help="IANA timezone of the nightly cron."),
     gpu_name: list[str] = typer.Option([], help="GPU type to create a one-slot benchmark limit for (repeatable)."),
+    notify_block: Optional[str] = typer.Option(None, help="Prefect notification block to alert through when a run "
+                                               "regressed (creates the automation in deployments/automations/)."),
 ) -> None:
     """Create the work pool, GPU concurrency limits and the on-demand and nightly deployments (idempotent)."""
     from clip_fp8.deployments.deploy import deploy_all
 
-    for name, deployment_id in deploy_all(work_pool, nightly_cron, timezone, tuple(gpu_name)).items():
+    try:
+        ids = deploy_all(work_pool, nightly_cron, timezone, tuple(gpu_name), notify_block=notify_block)
+    except ValueError as exc:  # a named thing that does not exist (the notification block)
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    for name, deployment_id in ids.items():
         typer.echo(f"{name}: {deployment_id}")
 
 

@@ -179,6 +179,21 @@ class OutputConfig(Section):
     run_name: str | None = Field(None, description="Name of this run's report folder; default: the flow run's name.")
 
 
+class PromotionConfig(Section):
+    repository: str | None = Field(
+        None, json_schema_extra={"locator": True},
+        description="Triton model repository (a path or fsspec URL) that a promotable, non-regressed run that changed "
+        "something publishes its encoders to, as the next version of `clip_image_fp8` / `clip_text_fp8`. Empty: no promotion.",
+    )
+    max_latency_increase: float = Field(
+        0.05, ge=0, description="Regression check against the last promoted run on the same GPU type: the most a batch "
+        "latency may grow (0.05 = 5 %).",
+    )
+    keep_versions: int = Field(3, ge=1, description="Versions kept per model in the repository (the oldest go first).")
+    include_fp16: bool = Field(False, description="Also publish the FP16 pair (`clip_image_fp16`, `clip_text_fp16`).")
+    trend_runs: int = Field(30, ge=2, description="Runs of the same model in the report's history table and trend plot.")
+
+
 class PipelineConfig(Section):
     """Everything a run of the clip-fp8 pipeline depends on."""
 
@@ -190,6 +205,7 @@ class PipelineConfig(Section):
     build: BuildConfig = Field(BuildConfig(), description="TensorRT engine build.")
     benchmark: BenchmarkConfig = Field(BenchmarkConfig(), description="Engine benchmark.")
     output: OutputConfig = Field(OutputConfig(), description="Where results go.")
+    promotion: PromotionConfig = Field(PromotionConfig(), description="Run history, regression check and promotion to a Triton model repository.")
 
     @classmethod
     def from_file(cls, path: str | Path) -> "PipelineConfig":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import weakref
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Optional
@@ -30,6 +31,15 @@ from clip_fp8.artifacts import atomic_write
 LEASE_ENV = "CLIP_FP8_LOCK_LEASE_S"
 DEFAULT_LEASE_S = 30.0
 
+# Every manager of this process, so that an interrupted run can give its locks back before it exits.
+_MANAGERS: "weakref.WeakSet[LeasedFileLockManager]" = weakref.WeakSet()
+
+
+def release_held_locks() -> int:
+    """Remove the lock files this process holds (an interrupt: the stage threads holding them will not
+    unwind). Return how many were released."""
+    return sum(manager.release_held() for manager in list(_MANAGERS))
+
 
 class LeasedFileLockManager(FileSystemLockManager):
     """A killed holder's lock expires after ``lease_seconds`` (env ``CLIP_FP8_LOCK_LEASE_S``, default 30)."""
@@ -38,6 +48,21 @@ class LeasedFileLockManager(FileSystemLockManager):
         super().__init__(lock_files_directory)
         self.lease_seconds = float(lease_seconds or os.environ.get(LEASE_ENV) or DEFAULT_LEASE_S)
         self._renewers: dict[str, tuple[threading.Event, threading.Thread]] = {}
+        _MANAGERS.add(self)
+
+    def release_held(self) -> int:
+        released = 0
+        for key in list(self._renewers):
+            holder = (self._locks.get(key) or {}).get("holder")
+            self._stop_renewing(key)
+            path = self._lock_path_for_key(key)
+            try:
+                if holder is not None and json.loads(path.read_bytes()).get("holder") == holder:
+                    path.unlink()
+                    released += 1
+            except (FileNotFoundError, ValueError):
+                pass
+        return released
 
     def acquire_lock(self, key: str, holder: str, acquire_timeout: Optional[float] = None,
                      hold_timeout: Optional[float] = None) -> bool:

@@ -9,6 +9,8 @@
   docker and kubernetes pools with GPUs.
 - Global concurrency limit ``gpu:<GPU name>`` with one slot: the benchmark stage takes it, so two runs
   never time engines on the same GPU type at once.
+- With ``--notify-block NAME``: the automation in ``automations/regression-alert.yaml``, sending a
+  notification through your Prefect notification block NAME whenever a run regressed.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 ENTRYPOINT = "flows/pipeline.py:clip_fp8_pipeline"
 ON_DEMAND = "clip-fp8-on-demand"
 NIGHTLY = "clip-fp8-nightly"
+REGRESSION_ALERT = Path(__file__).resolve().parent / "automations" / "regression-alert.yaml"
 
 
 def production_config() -> PipelineConfig:
@@ -64,9 +67,27 @@ async def ensure_concurrency_limit(name: str, slots: int = 1) -> None:
             await client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
 
 
+async def ensure_regression_alert(block_name: str) -> str:
+    """The regression automation, notifying through the notification block ``block_name`` (replaced if it exists)."""
+    import yaml
+    from prefect import get_client
+    from prefect.events.schemas.automations import AutomationCore
+
+    async with get_client() as client:
+        block = next((b for b in await client.read_block_documents() if b.name == block_name), None)
+        if block is None:
+            raise ValueError(f"no Prefect block named '{block_name}'; create a notification block first "
+                             "(e.g. `prefect block create slack-webhook`)")
+        text = REGRESSION_ALERT.read_text().replace("${NOTIFY_BLOCK_ID}", str(block.id))
+        automation = AutomationCore.model_validate(yaml.safe_load(text))
+        for existing in await client.read_automations_by_name(automation.name):
+            await client.delete_automation(existing.id)
+        return str(await client.create_automation(automation))
+
+
 def deploy_all(work_pool: str = "gpu", nightly_cron: str = "0 2 * * *", timezone: str = "UTC",
                gpu_names: tuple[str, ...] = (), on_demand_config: PipelineConfig | None = None,
-               nightly_config: PipelineConfig | None = None) -> dict[str, str]:
+               nightly_config: PipelineConfig | None = None, notify_block: str | None = None) -> dict[str, str]:
     """Create or update everything; return deployment name -> id."""
     from prefect import flow
     from prefect.schedules import Cron
@@ -91,4 +112,6 @@ def deploy_all(work_pool: str = "gpu", nightly_cron: str = "0 2 * * *", timezone
         description="Nightly re-quantization of the production CLIP; unchanged inputs finish from the cache.",
         tags=["clip-fp8", "nightly"],
     ))
+    if notify_block:
+        ids["regression-alert (automation)"] = asyncio.run(ensure_regression_alert(notify_block))
     return ids

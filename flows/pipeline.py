@@ -24,14 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from prefect import allow_failure, flow
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from clip_fp8 import history
 from clip_fp8.artifacts import ArtifactRef, ArtifactStore, atomic_write, write_json_atomic
 from clip_fp8.config import PipelineConfig
-from clip_fp8.flows.report import plot_benchmark, render_markdown
+from clip_fp8.flows.report import plot_benchmark, plot_trend, render_markdown
+from clip_fp8.flows.run_history import record_run
 from clip_fp8.flows.stage_task import EXECUTIONS, REUSED, stage_results, stage_task
 from clip_fp8.stage import reports_of
 from clip_fp8.tasks.audit import audit
@@ -55,9 +57,9 @@ audit_task = stage_task(audit)
 evaluate_task = stage_task(evaluate, retries=1)
 export_task = stage_task(export, retries=1)
 surgery_task = stage_task(surgery)
-build_task = stage_task(build, retries=2, timeout_seconds=3600)
+build_task = stage_task(build, retries=2)
 # One benchmark per GPU type at a time (the limit `clip-fp8 deploy` creates).
-benchmark_task = stage_task(benchmark, retries=2, timeout_seconds=3600,
+benchmark_task = stage_task(benchmark, retries=2,
                             limit=lambda inputs: None if inputs["target"].unavailable else gpu_limit_name(inputs["target"].gpu))
 
 
@@ -107,6 +109,7 @@ class RunRecord:
 
     def __init__(self, store: ArtifactStore, config: PipelineConfig):
         self.store = store
+        self.config = config
         self.started = time.time()
         name = config.output.run_name or (
             f"{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}-{flow_run.get_name() or 'local'}")
@@ -148,6 +151,8 @@ class RunRecord:
         s, refs = self.summary, self.refs
         if "baseline_model" in refs:
             s["model"] = refs["baseline_model"].meta
+        if "calibration_data" in refs:  # pairs used, images skipped and a few of their names
+            s["calibration"] = {k: v for k, v in refs["calibration_data"].meta.items() if k != "note"}
         if "quantize" in refs:
             s["artifacts"]["checkpoint"] = refs["quantize"].location("checkpoint")
         if "audit" in refs:
@@ -170,6 +175,7 @@ class RunRecord:
                 s["artifacts"].update({f"onnx_{k}": ref.location(k) for k in ref.files if k.startswith(variant)})
             if (built := refs.get(f"build_{variant}")) and "engines" in built.meta:
                 s.setdefault("engines", {"target": built.meta["target"], "engines": {}})["engines"].update(built.meta["engines"])
+                s["artifacts"].update({f"engine_{k}": built.location(k) for k in built.meta["engines"]})
         if (timed := refs.get("benchmark")) and timed.meta.get("rows"):
             s["benchmark"] = timed.meta
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -190,7 +196,7 @@ class RunRecord:
             raise self.failures[0][1]
 
     def public_summary(self) -> dict:
-        return {k: v for k, v in self.summary.items() if not k.endswith(("_markdown", "_png"))}
+        return {k: v for k, v in self.summary.items() if not k.endswith(("_markdown", "_png")) and k != "history_rows"}
 
     def write(self) -> None:
         """report.md, summary.json, links to every artifact (``artifacts/<stage>``) and ``runs/latest``."""
@@ -200,6 +206,7 @@ class RunRecord:
             s["promotable"] = False
         s["all_cached"] = s["status"] == "completed" and all(
             r["status"] in ("cached", "skipped") for r in s["stages"].values())
+        self._record_history()
         s["artifacts"]["report"] = str(self.dir / "report.md")
         s["artifacts"]["summary"] = str(self.dir / "summary.json")
         markdown = render_markdown(s)
@@ -210,6 +217,33 @@ class RunRecord:
             print(f"report uploaded: {self.store.upload_run(self.dir)}/report.md")
         create_markdown_artifact(key="clip-fp8-report", markdown=markdown, description=f"clip-fp8 run {self.dir.name}")
         print(f"report: {self.dir / 'report.md'}")
+        for _, exc in self.failures:  # for a caller that reports the failure (the CLI's stage table)
+            try:
+                exc.run_summary = self.public_summary()  # type: ignore[attr-defined]
+            except AttributeError:
+                pass
+
+    def _record_history(self) -> None:
+        """The run's history record, regression check and promotion (``flows/run_history.py``), and what the
+        report shows of them. A failure here is reported, never hides the run's own outcome."""
+        s = self.summary
+        calibration = self.refs.get("calibration_data")
+        try:
+            result = record_run(s, self.config, calibration.digest if calibration else None)
+        except Exception as exc:  # noqa: BLE001 - the run's outcome stands; say why history is missing
+            s["history_error"] = _one_line(exc)
+            print(f"history not recorded: {s['history_error']}")
+            return
+        record = result["record"]
+        s["regressed"] = bool(record["regression"]["reasons"])
+        s["regression"], s["promotion"] = record["regression"], record["promotion"]
+        s["history_rows"] = history.table_rows(result["recent"])
+        self.dir.mkdir(parents=True, exist_ok=True)
+        png = plot_trend(result["recent"], self.dir / "trend.png")
+        s["trend_png"] = base64.b64encode(png).decode()
+        s["artifacts"]["trend_plot"] = str(self.dir / "trend.png")
+        create_table_artifact(key="clip-fp8-history", table=s["history_rows"],
+                              description=f"clip-fp8 runs of {record['model_key']}, newest last")
 
     def _link_artifacts(self) -> None:
         """Relative links, so the run folder survives a move of the whole output root."""

@@ -80,6 +80,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
                          f"{memory[0]} | {memory[1]} | {speedups[0]} | {speedups[1]} |")
         if summary.get("benchmark_png"):
             lines += ["", f"![latency and throughput](data:image/png;base64,{summary['benchmark_png']})"]
+    lines += _history_section(summary)
     lines += ["", "## Artifacts", ""] + [f"- {k}: `{v}`" for k, v in summary.get("artifacts", {}).items()]
     return "\n".join(lines) + "\n"
 
@@ -109,5 +110,73 @@ def plot_benchmark(rows: list[dict], path) -> bytes:
     lat.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return open(path, "rb").read()
+
+
+def _history_section(summary: dict[str, Any]) -> list[str]:
+    """This run against the model's recent runs: regression verdict, promotion, history table, trend plot."""
+    if "regression" not in summary:
+        return []
+    recent = summary.get("history_rows")
+    regression, promotion = summary["regression"] or {}, summary.get("promotion") or {}
+    lines = ["", "## History", ""]
+    if regression.get("against") is None:
+        lines.append("No promoted run of this model to compare with yet.")
+    elif regression.get("reasons"):
+        lines.append(f"**regressed** against the last promoted run `{regression['against']}`:")
+        lines += [f"- {reason}" for reason in regression["reasons"]]
+    else:
+        lines.append(f"Not regressed against the last promoted run `{regression['against']}`.")
+    if promotion.get("version") is not None:
+        lines.append(f"\nPromoted as version **{promotion['version']}** to `{promotion['repository']}`.")
+    elif promotion.get("skipped"):
+        lines.append(f"\nNot promoted: {promotion['skipped']}.")
+    if recent:
+        columns = list(recent[0])
+        lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in recent]
+    if summary.get("trend_png"):
+        lines += ["", f"![trend of the gated metrics and batch-128 latency](data:image/png;base64,{summary['trend_png']})"]
+    return lines
+
+
+def plot_trend(records: list[dict], path) -> bytes:
+    """FP8 metrics (and batch-128 latency, where measured) over a model's runs; PNG bytes, also written to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from clip_fp8.history import latency_b128
+
+    runs = [r for r in records if r.get("kind", "run") == "run"]
+    latency = {engine for r in runs for engine in latency_b128(r)}
+    fig, axes = plt.subplots(1, 2 if latency else 1, figsize=(11 if latency else 7, 4), squeeze=False)
+    x = list(range(len(runs)))
+    labels = [r.get("time", "")[5:16].replace("T", " ") for r in runs]
+    metrics = sorted({m for r in runs for m in r.get("metrics", {}).get("fp8", {})})
+    ax = axes[0][0]
+    for metric in metrics:
+        ax.plot(x, [r.get("metrics", {}).get("fp8", {}).get(metric, float("nan")) for r in runs], marker="o",
+                label=metric.split("/", 1)[-1])
+    for i, r in enumerate(runs):
+        if (r.get("regression") or {}).get("reasons"):
+            ax.axvline(i, color="red", alpha=0.3)
+        if (r.get("promotion") or {}).get("version") is not None:
+            ax.annotate(f"v{r['promotion']['version']}", (i, ax.get_ylim()[1]), fontsize=8, ha="center", va="top")
+    ax.set_title("FP8 metrics (red: regressed)")
+    if latency:
+        lat = axes[0][1]
+        for engine in sorted(latency):
+            lat.plot(x, [latency_b128(r).get(engine, float("nan")) for r in runs], marker="o", label=engine)
+        lat.set_title("batch 128 median latency (ms)")
+        lat.legend(fontsize=7)
+    for a in axes[0]:
+        a.set_xticks(x, labels, rotation=45, ha="right", fontsize=7)
+        a.grid(True, alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return open(path, "rb").read()

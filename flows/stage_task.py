@@ -43,6 +43,8 @@ STAGES: list[Callable] = []
 
 # task run id -> (start, end) wall-clock seconds of executions in this process.
 EXECUTIONS: dict[str, tuple[float, float]] = {}
+# stage name -> how many of its executions are under way in this process (an interrupt names them).
+RUNNING: dict[str, int] = {}
 # task run ids that found their artifact already published (a run killed after publishing, before Prefect
 # recorded its result): nothing executed, so the report calls them cached.
 REUSED: set[str] = set()
@@ -81,7 +83,7 @@ def publish_reports(reports: dict[str, str], stage: str) -> None:
         create_markdown_artifact(key=key, markdown=markdown, description=f"clip-fp8 {stage}")
 
 
-def stage_task(fn: Callable, *, retries: int = 0, timeout_seconds: float | None = None,
+def stage_task(fn: Callable, *, retries: int = 0,
                limit: Callable[[dict[str, Any]], str | None] | None = None):
     """The Prefect task of stage ``fn``: same parameters, cached, retried, published (see module docstring)."""
     name = stage_name(fn)
@@ -97,6 +99,8 @@ def stage_task(fn: Callable, *, retries: int = 0, timeout_seconds: float | None 
                     REUSED.add(str(run.task_run.id))
             return ref
         started = time.time()
+        with _EXECUTIONS_LOCK:
+            RUNNING[name] = RUNNING.get(name, 0) + 1
         preload(fn.__module__)  # the stage's imports, resolved one thread at a time
         try:
             if limit is not None and (limit_name := limit(inputs)):
@@ -111,8 +115,9 @@ def stage_task(fn: Callable, *, retries: int = 0, timeout_seconds: float | None 
             publish_reports(exc.reports, name)
             raise
         finally:
-            if run is not None:
-                with _EXECUTIONS_LOCK:
+            with _EXECUTIONS_LOCK:
+                RUNNING[name] -= 1
+                if run is not None:
                     EXECUTIONS[str(run.task_run.id)] = (started, time.time())
         publish_reports(reports_of(ref), name)
         return ref
@@ -132,7 +137,6 @@ def stage_task(fn: Callable, *, retries: int = 0, timeout_seconds: float | None 
         retry_delay_seconds=[2, 10, 30][:retries] if retries else 0,
         retry_jitter_factor=0.5 if retries else None,
         retry_condition_fn=retry_transient_only,
-        timeout_seconds=timeout_seconds,
     )
 
 

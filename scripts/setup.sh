@@ -16,6 +16,9 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" 2>&1 | grep -v "^WARNING: Location" || true
 if [ "${1:-}" = "--test" ]; then
   .venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+  # Triton's model-configuration schema for the promotion tests: only its generated protobuf module is used,
+  # so not its gRPC/ml-dtypes pins (which would downgrade what ONNX and ModelOpt need).
+  .venv/bin/python -m pip install -q --no-deps "tritonclient==2.73.0" 2>&1 | grep -v "^WARNING: Location" || true
   if ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq >/dev/null && $SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -60,14 +61,19 @@ def select_pairs(source: ArtifactRef, cfg: CalibrationConfig) -> dict:
                       "caption": captions[rng.integers(len(captions))]})
     tried = len(pairs) + len(skipped)
     examples = ", ".join(f"'{s}'" for s in skipped[:3])
-    if len(skipped) / max(1, tried) > cfg.max_bad_fraction:
-        raise PipelineInputError(
-            f"{where}: {len(skipped)} of {tried} images tried are missing or unreadable (e.g. {examples}), more than "
-            f"calibration.max_bad_fraction={cfg.max_bad_fraction}; fix or remove them, or raise calibration.max_bad_fraction")
     if len(pairs) < cfg.num_samples:
+        # Every image was tried: no max_bad_fraction would help, only fewer samples (or more data).
         raise PipelineInputError(
             f"{where}: only {len(pairs)} usable images for calibration.num_samples={cfg.num_samples} "
-            f"({len(skipped)} missing or unreadable, e.g. {examples}); lower calibration.num_samples to {len(pairs)} or add data")
+            f"({len(skipped)} of {tried} missing or unreadable, e.g. {examples}); "
+            f"lower calibration.num_samples to {len(pairs)}, or fix or add images")
+    if len(skipped) / max(1, tried) > cfg.max_bad_fraction:
+        # Enough usable images were found, but too large a share of those tried was bad.
+        needed = math.ceil(100 * len(skipped) / tried) / 100
+        raise PipelineInputError(
+            f"{where}: {len(skipped)} of {tried} images tried are missing or unreadable (e.g. {examples}), more "
+            f"than calibration.max_bad_fraction={cfg.max_bad_fraction}; raise calibration.max_bad_fraction to "
+            f"{needed:.2f} to skip them, or fix them")
     manifest = {"kind": kind, "seed": cfg.seed, "source_digest": source.digest, "skipped": len(skipped),
                 "skipped_examples": skipped[:20], "pairs": pairs}
     if kind == "hf":  # the loader needs these to find the rows again

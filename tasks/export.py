@@ -19,13 +19,12 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Literal
 
-from clip_fp8.artifacts import ArtifactRef
+from clip_fp8.artifacts import ArtifactRef, scratch_directory
 from clip_fp8.clip import CLIP_FORWARD_LOCK
 from clip_fp8.config import ExportConfig, ModelConfig
 from clip_fp8.errors import PipelineInputError
@@ -42,14 +41,17 @@ def export_encoder(encoder, dummy, path: Path, opset: int) -> int:
     import onnx
     from modelopt.torch._deploy.utils import OnnxBytes, get_onnx_bytes_and_metadata
 
+    from clip_fp8.console import quiet_onnx_tools
     from clip_fp8.tasks.onnx_passes import rename_tensor
+
+    quiet_onnx_tools()
 
     onnx_bytes, _ = get_onnx_bytes_and_metadata(
         model=encoder, dummy_input=(dummy,), model_name=path.stem,
         dynamic_axes={encoder.input_name: {0: "batch"}, "out": {0: "batch"}},
         onnx_opset=opset, weights_dtype="fp16",
     )
-    with tempfile.TemporaryDirectory(prefix="clip-fp8-export-") as scratch:  # ModelOpt writes a folder
+    with scratch_directory(prefix="clip-fp8-export-") as scratch:  # ModelOpt writes a folder
         OnnxBytes.from_bytes(onnx_bytes).write_to_disk(scratch, clean_dir=True)
         model = onnx.load(str(Path(scratch) / f"{path.stem}.onnx"))
     rename_tensor(model, model.graph.output[0].name, encoder.output_name)
@@ -142,7 +144,10 @@ def _share_cpus(threads: int) -> None:
     several times over and each runs slower than it would alone (quantize took 4.5x as long on the H200)."""
     import torch
 
+    from clip_fp8.console import quiet_libraries
+
     torch.set_num_threads(threads)
+    quiet_libraries()  # a quiet CLI run stays quiet in its export workers
 
 
 def export_in_processes(variant: str, baseline_path: str, checkpoint: str | None, model_cfg: ModelConfig,

@@ -61,10 +61,20 @@ def test_empty_dataset_folder(fast_config, tmp_path):
     _run_expecting(fast_config.with_overrides([f"calibration.source=coco:{empty}"]), "inputs", str(empty))
 
 
-def test_unreadable_dataset_images(fast_config, tmp_path):
+def test_unreadable_dataset_images_name_the_limit_hit_and_the_change_that_fixes_it(fast_config, tmp_path):
+    # 6 usable of 12 for 8 samples: no max_bad_fraction can help, only fewer samples.
     coco = write_coco_folder(tmp_path / "coco", n_images=12, corrupt=6)
-    _run_expecting(fast_config.with_overrides([f"calibration.source=coco:{coco}", "calibration.num_samples=8"]),
-                   "calibration_data", "unreadable", "max_bad_fraction")
+    summary = _run_expecting(
+        fast_config.with_overrides([f"calibration.source=coco:{coco}", "calibration.num_samples=8",
+                                    "calibration.max_bad_fraction=1.0"]),
+        "calibration_data", "only 6 usable images", "lower calibration.num_samples to 6", "unreadable")
+    assert "max_bad_fraction" not in summary["stages"]["calibration_data"]["note"]
+    # 9 usable of 12 for 9 samples (so every image is tried), but a quarter was bad: the fraction is the limit hit.
+    coco = write_coco_folder(tmp_path / "coco2", n_images=12, corrupt=3)
+    config = fast_config.with_overrides([f"calibration.source=coco:{coco}", "calibration.num_samples=9",
+                                         "calibration.max_bad_fraction=0.1", f"output.root={tmp_path / 'out2'}"])
+    with pytest.raises(PipelineInputError, match=r"3 of 12 images tried .* raise calibration.max_bad_fraction to 0.25"):
+        clip_fp8_pipeline(config)
 
 
 def test_calibration_larger_than_dataset(fast_config, tmp_path):

@@ -156,26 +156,37 @@ def test_runs_triggered_from_cli_and_api_complete_with_report(deployed, tmp_path
     assert all(s["status"] in ("cached", "skipped") for s in latest["stages"].values())
 
 
-def test_custom_run_from_the_prefect_ui_in_chromium(deployed, tmp_path, request):
-    """A person's path: open the deployment's run form, change parameters, submit, watch it complete."""
+def _shots(tmp_path: Path) -> Path:
+    shots = Path(os.environ.get("CLIP_FP8_TEST_OUTPUT", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    return shots
+
+
+def _chromium(tmp_path: Path):
+    """Debian's headless chromium, driven by selenium, with no background network traffic."""
     if not (Path("/usr/bin/chromium").exists() and Path("/usr/bin/chromedriver").exists()):
         pytest.fail("Debian chromium and chromium-driver are required: bash scripts/setup.sh --test installs them")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support import expected_conditions as EC
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    shots = Path(os.environ.get("CLIP_FP8_TEST_OUTPUT", tmp_path))
-    shots.mkdir(parents=True, exist_ok=True)
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--window-size=1400,2400", f"--user-data-dir={tmp_path / 'chrome'}"):
         options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+
+
+def test_custom_run_from_the_prefect_ui_in_chromium(deployed, tmp_path, request):
+    """A person's path: open the deployment's run form, change parameters, submit, watch it complete."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    shots = _shots(tmp_path)
+    driver = _chromium(tmp_path)
     try:
         deployment = _api(deployed, lambda c: c.read_deployment_by_name("clip-fp8/clip-fp8-on-demand"))
         driver.get(f"{deployed['url']}/deployments/deployment/{deployment.id}/run")
@@ -245,6 +256,66 @@ def test_killed_run_resumes_from_the_last_completed_stage(tmp_path):
     status = {name: stage["status"] for name, stage in summary["stages"].items()}
     assert [status[s] for s in ("calibration_data", "baseline_model", "quantize", "audit")] == ["cached"] * 4
     assert status["surgery_fp8"] == "completed" and summary["status"] == "completed"
+
+
+def test_nightly_runs_show_their_history_and_trend_in_the_ui(deployed, tmp_path):
+    """Two nights of the nightly deployment on the worker: the second's page lists the history table artifact, and
+    its report artifact shows the history section with the trend plot (screenshots, looked at)."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    nightly = _api(deployed, lambda c: c.read_deployment_by_name("clip-fp8/clip-fp8-nightly"))
+    config = PipelineConfig.model_validate(_small_config(tmp_path / "out")).with_overrides(
+        [f"promotion.repository={tmp_path / 'triton'}"])
+    for _ in range(2):
+        run = _api(deployed, lambda c: c.create_flow_run_from_deployment(
+            nightly.id, parameters={"config": config.model_dump(mode="json")}))
+        run = _wait_for_run(deployed, run.id)
+        assert run.state.is_completed(), (run.state, (deployed["home"] / "worker.log").read_text()[-3000:])
+    artifacts = {a.key: a for a in _api(deployed, lambda c: c.read_artifacts(
+        artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))))}
+    assert {"clip-fp8-history", "clip-fp8-report"} <= artifacts.keys()
+    assert len(artifacts["clip-fp8-history"].data) == 2  # both nights, newest last
+    report = artifacts["clip-fp8-report"].data
+    assert "## History" in report and "data:image/png;base64," in report.split("## History")[1]
+    assert (tmp_path / "triton" / "latest.json").is_file()  # the first night was promoted
+
+    shots = _shots(tmp_path)
+    driver = _chromium(tmp_path)
+    try:
+        wait = WebDriverWait(driver, 60)
+        driver.get(f"{deployed['url']}/runs/flow-run/{run.id}?tab=Artifacts")
+        wait.until(EC.presence_of_element_located((By.XPATH, "//*[contains(text(), 'clip-fp8-history')]")))
+        driver.save_screenshot(str(shots / "prefect-ui-nightly-artifacts.png"))
+        driver.get(f"{deployed['url']}/artifacts/artifact/{artifacts['clip-fp8-report'].id}")
+        trend = wait.until(EC.presence_of_element_located((By.XPATH, "//img[contains(@alt, 'trend')]")))
+        driver.execute_script("arguments[0].scrollIntoView();", trend)
+        wait.until(lambda d: d.execute_script("return arguments[0].naturalWidth", trend) > 0)
+        driver.save_screenshot(str(shots / "prefect-ui-nightly-report-trend.png"))
+    finally:
+        driver.quit()
+
+
+def test_regression_alert_automation_is_created_from_the_shipped_definition(deployed):
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: deployed["env"]["PREFECT_API_URL"]}):
+        block_id = CustomWebhookNotificationBlock(name="clip-fp8 alerts", url="http://127.0.0.1:9/hook").save(
+            "clip-fp8-alerts", overwrite=True)
+    args = [str(BIN / "clip-fp8"), "deploy", "--work-pool", "test-pool", "--nightly-cron", "30 3 * * *",
+            "--timezone", "Europe/Berlin", "--notify-block", "clip-fp8-alerts"]
+    for _ in range(2):  # idempotent: the automation is replaced, not duplicated
+        out = subprocess.run(args, env=deployed["env"], capture_output=True, text=True, timeout=300, cwd=deployed["home"])
+        assert out.returncode == 0, out.stderr[-3000:]
+    (automation,) = _api(deployed, lambda c: c.read_automations_by_name("clip-fp8 regression alert"))
+    assert automation.trigger.expect == {"clip-fp8.run.regressed"}
+    assert str(automation.actions[0].block_document_id) == str(block_id)
+    missing = subprocess.run([*args[:-1], "no-such-block"], env=deployed["env"], capture_output=True, text=True,
+                             timeout=300, cwd=deployed["home"])
+    assert missing.returncode == 2 and missing.stderr.startswith("error: no Prefect block named 'no-such-block'")
 
 
 def test_prefect_yaml_deploys_with_prefect_deploy_all(server):

@@ -81,6 +81,34 @@ def test_audit_exposes_modelopt_default_config_skipping_the_image_tower():
     assert summary["towers"]["image"].get("linear_quantized", 0) == 0
 
 
+def test_the_audit_stage_stops_the_run_naming_every_gap(tmp_path):
+    """The stage itself, on a quantize artifact of ModelOpt's default config: AuditError naming the gaps, with
+    the audit table for the UI; the same stage on the project's config publishes its verdict."""
+    import json
+
+    import modelopt.torch.quantization as mtq
+
+    from clip_fp8.artifacts import ArtifactRef
+    from clip_fp8.errors import AuditError
+    from clip_fp8.tasks.audit import audit
+
+    def quantized(model, name: str) -> ArtifactRef:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "quantizers.json").write_text(json.dumps(quantizer_table(model)))
+        return ArtifactRef(stage="quantize", path=str(folder), digest=name, files={"quantizers": "quantizers.json"})
+
+    cfg = QuantizationConfig()
+    with pytest.raises(AuditError) as info:
+        audit(quantized(_quantize(copy.deepcopy(mtq.FP8_DEFAULT_CFG)), "default"), cfg, tmp_path / "out-default")
+    assert str(info.value).startswith("quantization audit failed: Linear vision_model."), str(info.value)
+    assert not any("text_model" in p for p in info.value.failures)  # only the image side escaped
+    assert len(info.value.failures) > 5 and "quantization-audit" in info.value.reports
+    (tmp_path / "out-ours").mkdir()
+    passed = audit(quantized(_quantize(fp8_quant_config(cfg)), "ours"), cfg, tmp_path / "out-ours")
+    assert passed.meta["towers"]["image"]["linear_quantized"] > 0
+
+
 def test_exclusion_entries_come_last_so_they_win():
     entries = fp8_quant_config(QuantizationConfig(exclude=["*mlp*"]))["quant_cfg"]
     assert entries[-1] == {"quantizer_name": "*mlp*", "enable": False}

@@ -1,0 +1,81 @@
+"""Every guard seen firing: put one realistic defect at a time into the code, run the test that should catch
+it, put the code back, and print whether the test went red. A guard whose test stays green is a defect.
+
+    .venv/bin/python scripts/check_guards.py          # all (about 10 minutes on 2 cores)
+    .venv/bin/python scripts/check_guards.py 0 3      # by index
+
+Each defect is a text replacement in one file; the script stops if the text is no longer there (the code
+moved on: update the defect with it). When you add a guard, add its defect here and its test to the README.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (defect, file, text, replacement, test that must go red)
+MUTANTS = [
+    ("gate drop computed FP8 - baseline", "tasks/evaluate.py", "        drop = base - value", "        drop = value - base",
+     "tests/test_pipeline_e2e.py::test_quality_gate_fails_marks_and_honours_a_pattern_limit"),
+    ("ONNX check compares ORT with itself", "tasks/surgery.py",
+     "sims = cosine(onnx_embeddings(path, inputs[encoder]), torch_embeddings(model, encoder, inputs[encoder]))",
+     "sims = cosine(onnx_embeddings(path, inputs[encoder]), onnx_embeddings(path, inputs[encoder]))",
+     "tests/test_pipeline_e2e.py::test_cli_gate_and_onnx_check_exit_2_naming_what_failed"),
+    ("library versions dropped from the key", "clip_fp8/caching.py", '"libraries": library_versions(external)}', '"libraries": {}}',
+     "tests/test_architecture.py::test_a_library_upgrade_rekeys_exactly_the_stages_that_import_it"),
+    ("every failure retried", "clip_fp8/errors.py", "    return not isinstance(exc, (PipelineError, KeyboardInterrupt, SystemExit))", "    return True",
+     "tests/test_units.py::test_prefect_retries_a_transient_failure_and_never_a_deterministic_one"),
+    ("published artifacts not reused", "clip_fp8/artifacts.py", "        try:\n            ref = ArtifactRef.model_validate_json(",
+     "        return None\n        try:\n            ref = ArtifactRef.model_validate_json(",
+     "tests/test_pipeline_e2e.py::test_published_artifacts_are_reused_without_prefects_records"),
+    ("no interrupt handler (the CLI as before)", "clip_fp8/cli.py", "    _stop_cleanly_on_interrupt(server)\n", "",
+     "tests/test_cli.py::test_ctrl_c_stops_within_seconds_leaves_nothing_and_the_same_command_resumes"),
+    ("calibration limits checked in the old order", "tasks/calibration_data.py",
+     "    if len(pairs) < cfg.num_samples:\n        # Every image was tried",
+     "    if False:\n        # Every image was tried",
+     "tests/test_bad_inputs.py::test_unreadable_dataset_images_name_the_limit_hit_and_the_change_that_fixes_it"),
+    ("lock renewal forgets the lease (an expiry-less lock)", "clip_fp8/locking.py",
+     'json.dumps({"holder": holder, "expiration": str(expiration)})', 'json.dumps({"holder": holder, "expiration": None})',
+     "tests/test_locking.py::test_live_holder_keeps_the_lock_and_a_killed_one_loses_it"),
+    ("pre-flight ignores the parser's verdict", "tasks/preflight.py", "    parsed = bool(parser.parse_from_file(str(onnx_path)))",
+     "    parsed = bool(parser.parse_from_file(str(onnx_path))) or True",
+     "tests/test_surgery.py::test_raw_export_is_rejected_by_the_strongly_typed_parser"),
+    ("audit never raises", "tasks/audit.py", '    if not summary["passed"]:\n        raise collected(AuditError',
+     '    if False:\n        raise collected(AuditError', "tests/test_quantization_audit.py::test_the_audit_stage_stops_the_run_naming_every_gap"),
+    ("regression check never fires on metrics", "flows/run_history.py", "        if drop > limit:", "        if drop > limit + 1:",
+     "tests/test_history.py::test_three_nights_are_recorded_unchanged_and_regressed_and_only_the_first_is_promoted"),
+    ("latest.json moved before the model configs", "clip_fp8/promotion.py",
+     "    for model, config in configs.items():\n        repo.write(f\"{model}/config.pbtxt\", config)\n    repo.write(LATEST,",
+     "    repo.write(LATEST, json.dumps({\"version\": version, \"run\": summary.get(\"run\"), \"configs\": configs}))\n"
+     "    for model, config in configs.items():\n        repo.write(f\"{model}/config.pbtxt\", config)\n    repo.write(LATEST,",
+     "tests/test_history.py::test_a_crash_in_the_middle_of_promotion_leaves_latest_on_the_previous_version"),
+]
+
+
+def main(selected: list[str]) -> int:
+    missed = 0
+    print("| defect | test | result |\n|---|---|---|")
+    for index, (what, rel, old, new, test) in enumerate(MUTANTS):
+        if selected and str(index) not in selected:
+            continue
+        path = ROOT / rel
+        original = path.read_text()
+        if original.count(old) != 1:
+            raise SystemExit(f"defect {index} ({what}): its text is not (once) in {rel}; update it with the code")
+        try:
+            path.write_text(original.replace(old, new))
+            run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", test],
+                                 cwd=ROOT, capture_output=True, text=True, timeout=1800)
+        finally:
+            path.write_text(original)
+        last = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-200:]
+        missed += run.returncode == 0
+        print(f"| {what} | `{test}` | {'red' if run.returncode else 'GREEN: the guard missed it'} ({last}) |", flush=True)
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
