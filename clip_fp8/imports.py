@@ -18,6 +18,15 @@ from pathlib import Path
 from typing import Mapping
 
 PROJECT = "clip_fp8"
+# CPython 3.11's parser is not safe to enter from two threads at once: stages whose keys Prefect computes
+# side by side failed with "SystemError: AST constructor recursion depth mismatch" (seen on a worker), and
+# the stage's result was then not cached.
+_PARSE_LOCK = threading.Lock()
+
+
+def _parse(source: str) -> ast.Module:
+    with _PARSE_LOCK:
+        return ast.parse(source)
 
 
 @functools.cache
@@ -47,7 +56,7 @@ def imported_names(module: str, source: str) -> tuple[set[str], set[str]]:
     project, external = set(), set()
     spec = importlib.util.find_spec(module)
     package = module if spec is not None and spec.submodule_search_locations else module.rpartition(".")[0]
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(_parse(source)):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -103,7 +112,7 @@ def _statements(module: str) -> tuple[tuple[str, str | None], ...]:
     for name, source in modules.items():
         spec = importlib.util.find_spec(name)
         package = name if spec is not None and spec.submodule_search_locations else name.rpartition(".")[0]
-        for node in ast.walk(ast.parse(source)):
+        for node in ast.walk(_parse(source)):
             if isinstance(node, ast.Import):
                 found += [(alias.name, None) for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module != "__future__":

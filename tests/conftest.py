@@ -9,6 +9,8 @@ import pytest
 # No run ever reaches a hub: the loaders must work (and fail clearly) offline.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The test server is offline too: its telemetry could only fail, with an ERROR line in every log.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -77,6 +77,27 @@ def test_unreadable_dataset_images_name_the_limit_hit_and_the_change_that_fixes_
         clip_fp8_pipeline(config)
 
 
+def test_a_run_that_skips_images_says_how_many_and_names_some(tmp_path):
+    """A captions file that names a missing image and one corrupt image: the stage completes, and its note (the
+    stage table's line) counts both and names them; missing and unreadable are told apart."""
+    from clip_fp8.config import CalibrationConfig
+    from clip_fp8.tasks.calibration_data import calibration_data
+    from clip_fp8.tasks.calibration_sources import resolve_data_source
+
+    coco = write_coco_folder(tmp_path / "coco", n_images=12, corrupt=1)
+    (coco / "train2017" / "000000000012.jpg").unlink()
+    cfg = CalibrationConfig(source=f"coco:{coco}", num_samples=10, max_bad_fraction=0.5)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = calibration_data(resolve_data_source(cfg), cfg, out)
+    # The seeded selection stops at 10 usable pairs, so it may not reach both bad images: read what it met.
+    skipped = json.loads((out / "manifest.json").read_text())["skipped_examples"]
+    assert result.meta["pairs"] == 10 and result.meta["skipped_images"] == len(skipped) >= 1
+    assert result.meta["note"].startswith(f"{len(skipped)} images skipped (")
+    expected = {"train2017/000000000001.jpg (unreadable)", "train2017/000000000012.jpg (missing)"}
+    assert set(skipped) <= expected and all(s in result.meta["note"] for s in skipped)
+
+
 def test_calibration_larger_than_dataset(fast_config, tmp_path):
     coco = write_coco_folder(tmp_path / "coco", n_images=4)
     _run_expecting(fast_config.with_overrides([f"calibration.source=coco:{coco}", "calibration.num_samples=10"]),

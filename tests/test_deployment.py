@@ -277,7 +277,9 @@ def test_nightly_runs_show_their_history_and_trend_in_the_ui(deployed, tmp_path)
     artifacts = {a.key: a for a in _api(deployed, lambda c: c.read_artifacts(
         artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))))}
     assert {"clip-fp8-history", "clip-fp8-report"} <= artifacts.keys()
-    assert len(artifacts["clip-fp8-history"].data) == 2  # both nights, newest last
+    rows = json.loads(artifacts["clip-fp8-history"].data)  # both nights, newest last
+    assert [r["changed"] for r in rows] == ["changed", "unchanged"] and rows[0]["promoted"] == "v1"
+    assert "Error encountered when computing cache key" not in (deployed["home"] / "worker.log").read_text()
     report = artifacts["clip-fp8-report"].data
     assert "## History" in report and "data:image/png;base64," in report.split("## History")[1]
     assert (tmp_path / "triton" / "latest.json").is_file()  # the first night was promoted
@@ -286,9 +288,12 @@ def test_nightly_runs_show_their_history_and_trend_in_the_ui(deployed, tmp_path)
     driver = _chromium(tmp_path)
     try:
         wait = WebDriverWait(driver, 60)
-        driver.get(f"{deployed['url']}/runs/flow-run/{run.id}?tab=Artifacts")
-        wait.until(EC.presence_of_element_located((By.XPATH, "//*[contains(text(), 'clip-fp8-history')]")))
-        driver.save_screenshot(str(shots / "prefect-ui-nightly-artifacts.png"))
+        driver.get(f"{deployed['url']}/artifacts/artifact/{artifacts['clip-fp8-history'].id}")
+        try:  # the table: one row per night, the second one unchanged
+            wait.until(EC.presence_of_element_located((By.XPATH, f"//td[contains(., '{rows[1]['run']}')]")))
+            wait.until(EC.presence_of_element_located((By.XPATH, "//td[normalize-space(.)='unchanged']")))
+        finally:
+            driver.save_screenshot(str(shots / "prefect-ui-nightly-history.png"))
         driver.get(f"{deployed['url']}/artifacts/artifact/{artifacts['clip-fp8-report'].id}")
         trend = wait.until(EC.presence_of_element_located((By.XPATH, "//img[contains(@alt, 'trend')]")))
         driver.execute_script("arguments[0].scrollIntoView();", trend)
