@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
@@ -111,7 +112,7 @@ def plot_benchmark(rows: list[dict], path) -> bytes:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return open(path, "rb").read()
+    return Path(path).read_bytes()
 
 
 def _history_section(summary: dict[str, Any]) -> list[str]:
@@ -179,4 +180,4 @@ def plot_trend(records: list[dict], path) -> bytes:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return open(path, "rb").read()
+    return Path(path).read_bytes()
