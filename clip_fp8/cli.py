@@ -74,12 +74,14 @@ def run(
     from clip_fp8.console import quiet_libraries
     from clip_fp8.errors import PipelineError
     from clip_fp8.flows.pipeline import clip_fp8_pipeline
+    from clip_fp8.flows.report import warm_plotting
     from clip_fp8.flows.stage_task import warm_keys
 
     quiet_libraries()
     _stop_cleanly_on_interrupt(server)
     if server is not None:
         warm_keys()  # while the server starts
+        warm_plotting()  # the report's trend plot imports matplotlib (~0.7 s on 2 cores): also while it starts
         server.wait()
     try:
         summary = clip_fp8_pipeline(config)

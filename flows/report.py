@@ -86,6 +86,14 @@ def render_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def warm_plotting() -> None:
+    """Import matplotlib with its non-interactive backend now (the CLI does it while its server starts)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+
+
 def plot_benchmark(rows: list[dict], path) -> bytes:
     """Latency and throughput against batch size, one line per (encoder, variant); PNG bytes, also written to ``path``."""
     import matplotlib
