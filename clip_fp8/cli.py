@@ -90,9 +90,11 @@ def run(
             _print_stages(summary)
         if verbose and not isinstance(exc, PipelineError):
             raise
-        code = 2 if isinstance(exc, PipelineError) else 1
-        hint = "" if code == 2 else " (re-run with --verbose for the traceback)"
-        typer.echo(f"error: {exc}{hint}" if code == 2 else f"error: {type(exc).__name__}: {_first_line(exc)}{hint}", err=True)
+        if isinstance(exc, PipelineError):  # named: its message is the one line
+            code, line = 2, str(exc)
+        else:
+            code, line = 1, f"{type(exc).__name__}: {_first_line(exc)} (re-run with --verbose for the traceback)"
+        typer.echo(f"error: {line}", err=True)
         if summary is not None:
             typer.echo(f"report: {summary['artifacts']['report']}", err=True)
         raise typer.Exit(code)
@@ -234,20 +236,28 @@ def _print_stages(summary: dict) -> None:
 
 @app.command("history")
 def history_command(
-    output: str = typer.Option("clip-fp8-output", "--output", "-o", help="The runs' output.root (a path or fsspec URL)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="The runs' output.root (a path or fsspec URL); "
+                                         "default: output.root's default."),
     model: Optional[str] = typer.Option(None, help="Only this model (its model.source, or source@revision)."),
     last: Optional[int] = typer.Option(None, min=1, help="Only the last N records."),
 ) -> None:
     """Print the run history: every run's status, changed/unchanged, gate, regression, promoted version, sizes, latency."""
     from clip_fp8 import history
 
-    typer.echo(history.render_table(history.table_rows(history.read(output, model=model, last=last))))
+    rows = history.table_rows(history.read(_output_root(output), model=model, last=last))
+    typer.echo(history.render_table(rows))
+
+
+def _output_root(output: Optional[str]) -> str:
+    from clip_fp8.config import OutputConfig
+
+    return output or OutputConfig().root
 
 
 @app.command()
 def promote(
     run_name: str = typer.Argument(..., metavar="RUN", help="The run's name (its folder under <output.root>/runs)."),
-    output: str = typer.Option("clip-fp8-output", "--output", "-o", help="The runs' output.root."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="The runs' output.root; default: output.root's default."),
     repository: Optional[str] = typer.Option(None, help="Triton model repository; default: the run's promotion.repository."),
     force: bool = typer.Option(False, "--force", help="Promote even if the run failed its gate or regressed (recorded)."),
 ) -> None:
@@ -257,6 +267,7 @@ def promote(
     from clip_fp8.config import PipelineConfig
     from clip_fp8.flows.run_history import promotion_blockers, publish
 
+    output = _output_root(output)
     summary_path = ArtifactStore(output).root / "runs" / run_name / "summary.json"
     if not summary_path.is_file():
         typer.echo(f"error: no run '{run_name}' under {output}/runs (see `clip-fp8 history -o {output}`)", err=True)
