@@ -4,7 +4,8 @@ Prefect's default policy includes the flow run id, so nothing is reused across r
 (``stage_key``) hashes:
 - each input's content: ``ArtifactRef``s by digest (not path), pydantic sections by their settings
   (locator fields such as a model path excluded: their content arrives as a ref; execution fields such
-  as a worker count excluded: they change how fast, not what);
+  as a worker count excluded: they change how fast, not what; flow fields such as the recovery mode
+  excluded: they decide which stages run, and a stage that needs one takes it as a parameter of its own);
 - the source of every project module the stage's module imports, directly or through other project
   modules, function-local imports included: found by reading the import statements
   (``clip_fp8.imports.import_closure``), so no list of modules per stage can drift from the code;
@@ -65,7 +66,7 @@ def canonical(value: Any) -> Any:
         return {"ref": value.__cache_key__()}
     if isinstance(value, BaseModel):  # recursive, so nested models (evaluation.datasets) drop their locators too
         return {name: canonical(getattr(value, name)) for name, f in type(value).model_fields.items()
-                if not {"locator", "execution"} & set(f.json_schema_extra or {})}  # type: ignore[arg-type]
+                if not {"locator", "execution", "flow"} & set(f.json_schema_extra or {})}  # type: ignore[arg-type]
     if isinstance(value, Path):
         raise TypeError(f"a Path ({value}) cannot be part of a cache key; pass an ArtifactRef")
     if isinstance(value, dict):

@@ -80,6 +80,34 @@ class QuantizationConfig(Section):
         default=["*patch_embedding*"],
         description="Wildcard patterns of modules/quantizers to leave unquantized; each must match something.",
     )
+    # The fields below decide which stages the flow runs when the gate fails, not what quantize computes: they are
+    # not part of quantize's or audit's cache key ("flow"); the stages that use them take them as parameters.
+    recovery: Literal["off", "suggest", "auto"] = Field(
+        "off", json_schema_extra={"flow": True},
+        description="When the quality gate fails: 'off' fails (or marks) the run; 'suggest' also scores every unit's "
+        "FP8 sensitivity and names the exclusions to try, most sensitive first, as a ready --set; 'auto' re-quantizes "
+        "with the most sensitive units in FP16, one more per attempt, until the gate passes or max_fp16_fraction is reached.",
+    )
+    max_fp16_fraction: float = Field(
+        0.1, ge=0, le=1, json_schema_extra={"flow": True},
+        description="recovery=auto's budget: the largest share of the GEMM multiply-accumulates per image-caption pair "
+        "(user exclusions included) that may stay in FP16.",
+    )
+    sensitivity_samples: int = Field(
+        256, ge=1, json_schema_extra={"flow": True},
+        description="Calibration pairs the sensitivity stage scores each unit on (recovery suggest/auto).",
+    )
+    sensitivity_batch_size: int = Field(
+        64, ge=2, json_schema_extra={"flow": True},
+        description="Pairs per scored batch: the in-batch image->text distribution compared is over this many captions.",
+    )
+
+
+    @field_validator("recovery", mode="before")
+    @classmethod
+    def _yaml_off_is_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `off` (in a config file or a --set) as false.
+        return "off" if value is False else value
 
 
 class EvalDataset(Section):

@@ -5,6 +5,11 @@
     baseline_model                                                                               ├──► benchmark
     export[fp16] ──► surgery[fp16] ──► build[fp16] ──────────────────────────────────────────────┘
 
+With ``quantization.recovery`` on, export[fp8] waits for the gate: when it fails, ``sensitivity`` ranks
+the units and (``auto``) quantize → audit → evaluate run again with the most sensitive units in FP16,
+one more per attempt (labelled ``quantize~1``, ``quantize~2``, ...), then ``recovery`` tabulates and
+decides; export[fp8] takes the last attempt's checkpoint.
+
 The FP16 branch depends on the model alone: it starts at once and is served from the cache when only
 calibration changes. Locators (model, data, evaluation sets, build target) are resolved before any stage
 starts, so a path that does not exist stops the run at once. A stage that fails stops only what depends
@@ -47,6 +52,8 @@ from clip_fp8.tasks.eval_datasets import resolve_eval_source
 from clip_fp8.tasks.evaluate import evaluate
 from clip_fp8.tasks.export import export
 from clip_fp8.tasks.quantize import quantize
+from clip_fp8.tasks.recovery import exclusion_reasons, plan, recovery
+from clip_fp8.tasks.sensitivity import sensitivity
 from clip_fp8.tasks.surgery import surgery
 from clip_fp8.tasks.tensorrt import gpu_limit_name, resolve_target
 
@@ -54,6 +61,8 @@ calibration_data_task = stage_task(calibration_data, retries=2)
 baseline_model_task = stage_task(baseline_model, retries=2)
 quantize_task = stage_task(quantize, retries=1)
 audit_task = stage_task(audit)
+sensitivity_task = stage_task(sensitivity, retries=1)
+recovery_task = stage_task(recovery)
 evaluate_task = stage_task(evaluate, retries=1)
 export_task = stage_task(export, retries=1)
 surgery_task = stage_task(surgery)
@@ -85,10 +94,13 @@ def clip_fp8_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
             s["quantize"] = quantize_task.submit(model_source, s["calibration_data"], data_source, m, config.calibration,
                                                  config.quantization, store=store)
             s["audit"] = audit_task.submit(s["quantize"], config.quantization, store=store)
-            s["evaluate"] = evaluate_task.submit(model_source, s["quantize"], eval_source, m, config.evaluation,
+            s["evaluate"] = evaluate_task.submit(model_source, s["quantize"], eval_source, m, gate_config(config),
                                                  store=store, wait_for=[s["audit"]])
-            s["export_fp8"] = export_task.submit("fp8", model_source, s["quantize"], m, x, store=store, wait_for=[s["audit"]])
-            s["surgery_fp8"] = surgery_task.submit("fp8", s["export_fp8"], model_source, s["quantize"],
+            if config.quantization.recovery != "off":
+                recover(s, config, model_source, data_source, eval_source, store)
+            s["export_fp8"] = export_task.submit("fp8", model_source, last(s, "quantize"), m, x, store=store,
+                                                 wait_for=[last(s, "audit")])
+            s["surgery_fp8"] = surgery_task.submit("fp8", s["export_fp8"], model_source, last(s, "quantize"),
                                                    s["calibration_data"], data_source, m, x, config.build, store=store)
             s["build_fp8"] = build_task.submit(s["surgery_fp8"], config.build, target, store=store)
             # Timed alone: nothing else of this run may share the GPU while it measures.
@@ -102,6 +114,60 @@ def clip_fp8_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
         run.write()
     run.raise_first_failure()
     return run.public_summary()
+
+
+def gate_config(config: PipelineConfig):
+    """With recovery on, the gate's verdict goes to the flow (``mark``); the recovery stage fails the run."""
+    if config.quantization.recovery == "off":
+        return config.evaluation
+    return config.evaluation.model_copy(update={"on_gate_failure": "mark"})
+
+
+def last_attempt(labels, stage: str) -> str | None:
+    """The label of the last attempt of a stage that recovery may repeat (``stage``, ``stage~1``, ``stage~2``, ...)."""
+    attempts = [label for label in labels if label == stage or label.startswith(f"{stage}~")]
+    return max(attempts, key=lambda label: int(label.partition("~")[2] or 0)) if attempts else None
+
+
+def last(stages: dict, stage: str):
+    return stages[last_attempt(stages, stage)]
+
+
+def _settled(future: PrefectFuture) -> ArtifactRef | None:
+    future.wait()
+    return future.state.result() if future.state.is_completed() else None
+
+
+def recover(s: dict[str, PrefectFuture], config: PipelineConfig, model_source: ArtifactRef, data_source: ArtifactRef,
+            eval_source: ArtifactRef, store: ArtifactStore) -> None:
+    """``quantization.recovery`` after a failed gate: rank the units (``sensitivity``); with ``auto``, quantize →
+    audit → evaluate again with one more of the most sensitive units in FP16 per attempt, until the gate passes
+    or the FP16 budget is spent; then ``recovery`` decides. A stage that fails stops the attempts."""
+    first = _settled(s["evaluate"])
+    if first is None or first.meta["promotable"]:
+        return  # passed (or failed for another reason): nothing to recover, no sensitivity computed
+    q, m = config.quantization, config.model
+    s["sensitivity"] = sensitivity_task.submit(model_source, s["quantize"], s["calibration_data"], data_source, m, q,
+                                               q.sensitivity_samples, q.sensitivity_batch_size, store=store)
+    if (ranked := _settled(s["sensitivity"])) is None:
+        return
+    evaluations, recovered = [s["evaluate"]], []
+    if q.recovery == "auto":
+        for unit in plan(json.loads(ranked.file("sensitivity").read_text()), q.max_fp16_fraction):
+            recovered.append(unit)
+            k = len(recovered)
+            s[f"quantize~{k}"] = quantize_task.submit(model_source, s["calibration_data"], data_source, m,
+                                                      config.calibration, q, recovered=exclusion_reasons(recovered),
+                                                      store=store)
+            s[f"audit~{k}"] = audit_task.submit(s[f"quantize~{k}"], q, store=store)
+            s[f"evaluate~{k}"] = evaluate_task.submit(model_source, s[f"quantize~{k}"], eval_source, m, gate_config(config),
+                                                      store=store, wait_for=[s[f"audit~{k}"]])
+            evaluations.append(s[f"evaluate~{k}"])
+            if (attempt := _settled(s[f"evaluate~{k}"])) is None or attempt.meta["promotable"]:
+                break
+    s["recovery"] = recovery_task.submit(s["sensitivity"], evaluations, [u["unit"] for u in recovered], q.recovery,
+                                         q.max_fp16_fraction, list(q.exclude), config.evaluation.on_gate_failure,
+                                         store=store)
 
 
 class RunRecord:
@@ -139,6 +205,8 @@ class RunRecord:
                 exc = state.result(raise_on_failure=False)
                 exc = exc if isinstance(exc, BaseException) else RuntimeError(str(state.message))
                 self.failures.append((label, exc))
+                # What a failing stage attached to its error (the gate table, the recovery attempts) goes in the report.
+                self.summary.setdefault("failure_markdown", []).extend(getattr(exc, "reports", {}).values())
                 record.update(status="failed", note=_one_line(exc))
             else:  # an input stage failed, so this one never started
                 record["note"] = "an earlier stage it needs did not complete"
@@ -153,19 +221,30 @@ class RunRecord:
             s["model"] = refs["baseline_model"].meta
         if "calibration_data" in refs:  # pairs used, images skipped and a few of their names
             s["calibration"] = {k: v for k, v in refs["calibration_data"].meta.items() if k != "note"}
-        if "quantize" in refs:
-            s["artifacts"]["checkpoint"] = refs["quantize"].location("checkpoint")
-        if "audit" in refs:
-            s["audit"] = refs["audit"].meta
-            s["audit_markdown"] = reports_of(refs["audit"]).get("quantization-audit", "")
-            s["artifacts"]["audit"] = refs["audit"].location("audit")
-        if "evaluate" in refs:
-            metrics = json.loads(refs["evaluate"].file("metrics").read_text())
+        final = {stage: label for stage in ("quantize", "audit", "evaluate") if (label := last_attempt(refs, stage))}
+        if "quantize" in final:
+            s["artifacts"]["checkpoint"] = refs[final["quantize"]].location("checkpoint")
+        if "audit" in final:
+            ref = refs[final["audit"]]
+            s["audit"] = ref.meta
+            s["audit_markdown"] = reports_of(ref).get("quantization-audit", "")
+            s["artifacts"]["audit"] = ref.location("audit")
+        if "evaluate" in final:
+            ref = refs[final["evaluate"]]
+            metrics = json.loads(ref.file("metrics").read_text())
             s["metrics"] = {"baseline": metrics["baseline"], "fp8": metrics["fp8"]}
             s["quality_gate"] = metrics["gate"]
-            s["metrics_markdown"] = reports_of(refs["evaluate"]).get("quality-gate", "")
-            s["artifacts"]["metrics"] = refs["evaluate"].location("metrics")
+            s["metrics_markdown"] = reports_of(ref).get("quality-gate", "")
+            s["artifacts"]["metrics"] = ref.location("metrics")
             s["promotable"] = bool(metrics["promotable"])
+        if "sensitivity" in refs:
+            s["sensitivity_markdown"] = reports_of(refs["sensitivity"]).get("sensitivity", "")
+            s["artifacts"]["sensitivity"] = refs["sensitivity"].location("sensitivity")
+        if "recovery" in refs:
+            s["recovery"] = refs["recovery"].meta
+            s["promotable"] = s["promotable"] and refs["recovery"].meta["passed"]
+            s["recovery_markdown"] = reports_of(refs["recovery"]).get("recovery", "")
+            s["artifacts"]["tradeoff_plot"] = refs["recovery"].location("tradeoff")
         for variant in ("fp16", "fp8"):
             if f"export_{variant}" in refs:
                 s["artifacts"][f"raw_onnx_{variant}"] = refs[f"export_{variant}"].uri or refs[f"export_{variant}"].path

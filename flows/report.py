@@ -28,6 +28,11 @@ def render_markdown(summary: dict[str, Any]) -> str:
         lines += ["", summary["audit_markdown"].split("\n| module |")[0].rstrip()]
     if summary.get("metrics_markdown"):
         lines += ["", summary["metrics_markdown"].rstrip()]
+    for key in ("sensitivity_markdown", "recovery_markdown"):
+        if summary.get(key):
+            lines += ["", summary[key].rstrip()]
+    for markdown in summary.get("failure_markdown", []):
+        lines += ["", markdown.rstrip()]
 
     onnx = summary.get("onnx") or {}
     if onnx:

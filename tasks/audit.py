@@ -29,10 +29,13 @@ def _tower(module: str) -> str:
     return "other"
 
 
-def _exclusion_reason(row: dict, cfg: QuantizationConfig) -> str | None:
+def _exclusion_reason(row: dict, cfg: QuantizationConfig, recovered: dict[str, str]) -> str | None:
     for pattern in cfg.exclude:
         if fnmatch.fnmatchcase(row["name"], pattern) or fnmatch.fnmatchcase(row["module"], pattern):
             return f"quantization.exclude '{pattern}'"
+    for pattern, why in recovered.items():
+        if fnmatch.fnmatchcase(row["name"], pattern) or fnmatch.fnmatchcase(row["module"], pattern):
+            return f"quantization.recovery '{pattern}' ({why})"
     if row["module_base"] == "Embedding":
         return "embedding lookup (no GEMM)"
     if row["module_base"] == "LayerNorm" and not cfg.quantize_layernorm:
@@ -46,8 +49,10 @@ def _exclusion_reason(row: dict, cfg: QuantizationConfig) -> str | None:
     return None
 
 
-def coverage(rows: list[dict], cfg: QuantizationConfig) -> dict:
-    """Coverage per module and tower from the quantizer table, and every gap found (``problems``)."""
+def coverage(rows: list[dict], cfg: QuantizationConfig, recovered: dict[str, str] | None = None) -> dict:
+    """Coverage per module and tower from the quantizer table, and every gap found (``problems``).
+    ``recovered``: exclusions recovery added (pattern -> why), told apart from the user's."""
+    recovered = recovered or {}
     by_module: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         by_module[row["module"]].append(row)
@@ -58,8 +63,8 @@ def coverage(rows: list[dict], cfg: QuantizationConfig) -> dict:
     for module, qs in by_module.items():
         enabled = {q["quantizer"]: q["amax"] for q in qs if q["enabled"]}
         disabled = [q for q in qs if not q["enabled"] and not q["hard_disabled"]]
-        reasons = sorted({r for q in disabled if (r := _exclusion_reason(q, cfg))})
-        unexplained = [q["quantizer"] for q in disabled if _exclusion_reason(q, cfg) is None]
+        reasons = sorted({r for q in disabled if (r := _exclusion_reason(q, cfg, recovered))})
+        unexplained = [q["quantizer"] for q in disabled if _exclusion_reason(q, cfg, recovered) is None]
         base = qs[0]["module_base"]
         tower = _tower(module)
         entry = {"module": module, "class": qs[0]["module_class"], "base": base, "tower": tower,
@@ -71,7 +76,7 @@ def coverage(rows: list[dict], cfg: QuantizationConfig) -> dict:
                 problems.append(f"{module}.{q} is enabled but was never calibrated (amax {amax})")
         if base == "Linear":
             towers[tower]["linear_total"] += 1
-            in_scope = not any(r.startswith("quantization.exclude") for r in reasons)
+            in_scope = not any(r.startswith(("quantization.exclude", "quantization.recovery")) for r in reasons)
             if in_scope:
                 towers[tower]["linear_in_scope"] += 1
                 if {"input_quantizer", "weight_quantizer"} <= enabled.keys():
@@ -102,6 +107,7 @@ def coverage(rows: list[dict], cfg: QuantizationConfig) -> dict:
         "quantizers_enabled": sum(r["enabled"] for r in rows),
         "quantizers_total": len(rows),
         "towers": {k: dict(v) for k, v in towers.items()},
+        "exclusions": {"user": list(cfg.exclude), "recovery": recovered},
         "modules": modules,
         "problems": problems,
         "passed": not problems,
@@ -117,6 +123,9 @@ def audit_markdown(summary: dict) -> str:
     for tower, t in sorted(summary["towers"].items()):
         lines.append(f"| {tower} | {t.get('linear_quantized', 0)} / {t.get('linear_in_scope', 0)} / "
                      f"{t.get('linear_total', 0)} | {t.get('attention_quantized', 0)} / {t.get('attention_total', 0)} |")
+    exclusions = summary["exclusions"]
+    lines += ["", f"Exclusions from the user (quantization.exclude): {', '.join(f'`{p}`' for p in exclusions['user']) or 'none'}; "
+              f"from recovery: {', '.join(f'`{p}` ({why})' for p, why in exclusions['recovery'].items()) or 'none'}."]
     if summary["problems"]:
         lines += ["", "Problems:"] + [f"- {p}" for p in summary["problems"]]
     lines += ["", "| module | class | enabled quantizers (amax) | excluded because |", "|---|---|---|---|"]
@@ -129,11 +138,11 @@ def audit_markdown(summary: dict) -> str:
 
 def audit(quantized: ArtifactRef, cfg: QuantizationConfig, out_dir: Path) -> StageOutput:
     """Review the quantizer table; raise ``AuditError`` naming every gap (the table goes to the UI either way)."""
-    summary = coverage(json.loads(quantized.file("quantizers").read_text()), cfg)
+    summary = coverage(json.loads(quantized.file("quantizers").read_text()), cfg, quantized.meta.get("recovered"))
     reports = {"quantization-audit": audit_markdown(summary)}
     if not summary["passed"]:
         raise collected(AuditError, "quantization audit failed", summary["problems"], reports)
     (out_dir / "audit.json").write_text(json.dumps(summary, indent=1))
     return StageOutput(files={"audit": "audit.json"}, reports=reports,
-                       meta={"towers": summary["towers"], "quantizers_enabled": summary["quantizers_enabled"],
+                       meta={"towers": summary["towers"], "exclusions": summary["exclusions"], "quantizers_enabled": summary["quantizers_enabled"],
                              "quantizers_total": summary["quantizers_total"]})

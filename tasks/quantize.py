@@ -24,8 +24,8 @@ from clip_fp8.tasks.quantizer_names import QUANTIZER_SUFFIXES
 FP8_E4M3 = {"num_bits": (4, 3), "axis": None}  # per-tensor, static (calibrated amax)
 
 
-def fp8_quant_config(cfg: QuantizationConfig) -> dict:
-    """ModelOpt config: enable FP8 everywhere it belongs, then carve out; user exclusions come last."""
+def fp8_quant_config(cfg: QuantizationConfig, recovered: list[str] = ()) -> dict:
+    """ModelOpt config: enable FP8 everywhere it belongs, then carve out; user and recovery exclusions come last."""
     entries: list[dict] = [
         {"quantizer_name": "*", "enable": False},
         {"quantizer_name": "*weight_quantizer", "cfg": dict(FP8_E4M3)},
@@ -39,18 +39,18 @@ def fp8_quant_config(cfg: QuantizationConfig) -> dict:
         # ModelOpt >= 0.44 gives LayerNorm an input quantizer; TensorRT gains nothing from it here.
         entries.append({"quantizer_name": "*", "parent_class": "nn.LayerNorm", "enable": False})
     # Exclusions last: an entry inserted earlier is silently overridden by the enabling entries.
-    entries += [{"quantizer_name": pattern, "enable": False} for pattern in cfg.exclude]
+    entries += [{"quantizer_name": pattern, "enable": False} for pattern in [*cfg.exclude, *recovered]]
     return {"quant_cfg": entries, "algorithm": cfg.algorithm}
 
 
-def check_exclusions_match(model, patterns: list[str]) -> None:
+def check_exclusions_match(model, patterns: list[str], field: str = "quantization.exclude") -> None:
     """Every exclusion pattern must match some module or quantizer name: a typo must not pass silently."""
     names = [name for name, _ in model.named_modules() if name]
     candidates = names + [f"{n}.{suffix}" for n in names for suffix in QUANTIZER_SUFFIXES]
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(c, pattern) for c in candidates):
             raise PipelineInputError(
-                f"quantization.exclude pattern '{pattern}' matches no module of this model "
+                f"{field} pattern '{pattern}' matches no module of this model "
                 f"(module names look like '{names[len(names) // 2]}'); fix or remove it"
             )
 
@@ -82,8 +82,12 @@ def quantizer_table(model) -> list[dict]:
 
 
 def quantize(model_source: ArtifactRef, calibration: ArtifactRef, data_source: ArtifactRef, model_cfg: ModelConfig,
-             calib_cfg: CalibrationConfig, cfg: QuantizationConfig, out_dir: Path) -> StageOutput:
-    """Calibrate and FP8-quantize; write the ModelOpt checkpoint and quantizers.json into ``out_dir``."""
+             calib_cfg: CalibrationConfig, cfg: QuantizationConfig, out_dir: Path,
+             recovered: dict[str, str] | None = None) -> StageOutput:
+    """Calibrate and FP8-quantize; write the ModelOpt checkpoint and quantizers.json into ``out_dir``.
+
+    ``recovered``: exclusion pattern -> why recovery added it (a unit's sensitivity rank), kept in the
+    artifact's meta so the audit can tell them from the user's ``quantization.exclude``."""
     import modelopt.torch.opt as mto
     import modelopt.torch.quantization as mtq
     import torch
@@ -95,7 +99,9 @@ def quantize(model_source: ArtifactRef, calibration: ArtifactRef, data_source: A
     model_path = model_source.path
     model = load_clip(model_path, model_cfg)
     processor = load_processor(model_path)
+    recovered = dict(recovered or {})
     check_exclusions_match(model, cfg.exclude)
+    check_exclusions_match(model, list(recovered), "recovery")
     register_quantized_attention(model)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -125,7 +131,7 @@ def quantize(model_source: ArtifactRef, calibration: ArtifactRef, data_source: A
     # The whole of ModelOpt's quantize holds the lock, not only the calibration batches: a quantizer forward
     # that ran while an in-process export had torch.onnx's flag set failed "Quantizer has not been calibrated".
     with CLIP_FORWARD_LOCK:
-        mtq.quantize(model, fp8_quant_config(cfg), forward_loop)
+        mtq.quantize(model, fp8_quant_config(cfg, list(recovered)), forward_loop)
 
     mto.enable_huggingface_checkpointing()
     checkpoint = out_dir / "checkpoint"
@@ -133,13 +139,14 @@ def quantize(model_source: ArtifactRef, calibration: ArtifactRef, data_source: A
     processor.save_pretrained(checkpoint)
     rows = quantizer_table(model)
     (out_dir / "quantizers.json").write_text(json.dumps(rows, indent=1))
-    (out_dir / "quant_config.json").write_text(json.dumps(fp8_quant_config(cfg), indent=1, default=list))
+    (out_dir / "quant_config.json").write_text(json.dumps(fp8_quant_config(cfg, list(recovered)), indent=1, default=list))
     info = {
         "calibration_samples": seen["samples"],
         "calibration_batch_size": seen["batch_size"],
         "requested_batch_size": calib_cfg.batch_size,
         "quantizers_enabled": sum(r["enabled"] for r in rows),
         "quantizers_total": len(rows),
+        "recovered": recovered,
     }
     return StageOutput(files={"checkpoint": "checkpoint", "quantizers": "quantizers.json", "config": "quant_config.json"},
                        meta=info)

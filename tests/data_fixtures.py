@@ -131,3 +131,33 @@ convert_dataset(Cifar(cifar_images({n})), "test", {str(root)!r}, transform=PIL_t
     return root
 
 
+
+
+def write_outlier_checkpoint(dest: Path, layer: str = "vision_model.encoder.layers.1", channel: int = 3,
+                             scale: float = 1e6) -> str:
+    """The embedded model with one outlier channel going into ``<layer>.mlp.fc1``, computing what it computed.
+
+    ``layer_norm2`` (whose output only fc1 reads) multiplies ``channel`` by ``scale`` and fc1's weight column
+    for it is divided by the same, so the float32 model is unchanged; but fc1's input has one channel a million
+    times the others, so per-tensor FP8 flushes the rest to zero, and its weight one column a million times
+    smaller, flushed too. FP8 of that one GEMM ruins the layer; every other unit is left as trained. FP8's
+    range is wide: at 1e4 (or weights up, activations down at 1e5) this tiny model still passes its gate, so
+    the outlier is extreme, beyond FP16's range too (the FP16 graph clamps the column, with a warning: not
+    what this fixture is for). Returns fc1's module name.
+    """
+    import torch
+    from transformers import CLIPModel, CLIPProcessor
+
+    from clip_fp8 import ASSETS_DIR
+
+    source = ASSETS_DIR / "tiny-clip-shapes"
+    model = CLIPModel.from_pretrained(source).eval()
+    modules = dict(model.named_modules())
+    norm, fc1 = modules[f"{layer}.layer_norm2"], modules[f"{layer}.mlp.fc1"]
+    with torch.no_grad():
+        norm.weight[channel] *= scale
+        norm.bias[channel] *= scale
+        fc1.weight[:, channel] /= scale
+    model.save_pretrained(dest, safe_serialization=True)
+    CLIPProcessor.from_pretrained(source).save_pretrained(dest)
+    return f"{layer}.mlp.fc1"

@@ -18,8 +18,8 @@ from clip_fp8.promotion import LATEST, Repository, promote, reconcile
 
 # A change that makes FP8 worse on the embedded model: LayerNorm inputs and the patch embedding quantized too
 # (the reference recipe keeps the latter in FP16), calibrated on one pair. The tiny model is robust, so its FP8
-# retrieval recall falls by about 0.01 to 0.015: that night's gate allows no drop at all (`mark`: the run
-# completes, not promotable), and the regression check uses the same limits.
+# retrieval recall falls by about 0.01 to 0.015 against the first night's FP8. That night's gate allows no drop
+# at all (`mark`: the run completes either way), and the regression check uses the same limits.
 WORSE = ["quantization.quantize_layernorm=true", "quantization.exclude=[]", "calibration.num_samples=1",
          "calibration.batch_size=1", 'evaluation.max_drop={"*": 0.0}', "evaluation.on_gate_failure=mark"]
 
@@ -85,7 +85,11 @@ def test_three_nights_are_recorded_unchanged_and_regressed_and_only_the_first_is
     assert fell, "the worse config must make some FP8 metric worse"  # the premise of this test
     assert r3["regression"]["against"] == first["run"]
     assert {reason.split(" ")[0] for reason in r3["regression"]["reasons"]} == fell, r3["regression"]
-    assert r3["promotion"]["skipped"].startswith(f"its quality gate failed; it regressed against {first['run']}: ")
+    # Whether the worse night's own gate fails depends on where its FP8 lands against its baseline (CPUs differ
+    # in the last bits); the regression against the promoted night is what this test is about.
+    skipped = r3["promotion"]["skipped"]
+    assert f"it regressed against {first['run']}: " in skipped, skipped
+    assert ("its quality gate failed" in skipped) == (not r3["promotable"]), skipped
     for r in records:  # what a record keeps
         assert r["model"]["digest"] and r["calibration_digest"] and r["config_digest"] and r["flow_run_id"]
         assert r["libraries"]["nvidia-modelopt"] and r["libraries"]["torch"] and r["onnx_bytes"]["fp8_text"] > 0
