@@ -52,6 +52,20 @@ MUTANTS = [
      "    repo.write(LATEST, json.dumps({\"version\": version, \"run\": summary.get(\"run\"), \"configs\": configs}))\n"
      "    for model, config in configs.items():\n        repo.write(f\"{model}/config.pbtxt\", config)\n    repo.write(LATEST,",
      "tests/test_history.py::test_a_crash_in_the_middle_of_promotion_leaves_latest_on_the_previous_version"),
+    ("recovery ignores its FP16 budget", "tasks/recovery.py",
+     "        if fp16_share(ranking, [u[\"unit\"] for u in [*chosen, unit]]) > max_fp16_fraction + 1e-12:",
+     "        if False:", "tests/test_recovery.py::test_a_gate_out_of_budget_ends_with_the_best_reached"),
+    ("the audit calls recovery's exclusions the user's", "tasks/audit.py",
+     "            return f\"quantization.recovery '{pattern}' ({why})\"",
+     "            return f\"quantization.exclude '{pattern}'\"",
+     "tests/test_recovery.py::test_auto_leaves_exactly_the_outlier_gemm_in_fp16_and_passes"),
+    ("sensitivity ranked least sensitive first", "tasks/sensitivity.py",
+     "units.sort(key=lambda u: (u[\"score\"] is None, -(u[\"score\"] or 0.0), u[\"unit\"]))",
+     "units.sort(key=lambda u: (u[\"score\"] is None, (u[\"score\"] or 0.0), u[\"unit\"]))",
+     "tests/test_recovery.py::test_suggest_names_the_outlier_first_as_a_ready_set"),
+    ("recovery mode keys the quantization", "clip_fp8/caching.py", '{"locator", "execution", "flow"}',
+     '{"locator", "execution"}',
+     "tests/test_recovery.py::test_recovery_settings_do_not_key_quantization_but_key_sensitivity"),
 ]
 
 

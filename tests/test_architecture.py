@@ -58,7 +58,7 @@ def test_modules_import_only_their_own_layer_or_below():
 def test_stage_functions_are_plain_named_after_their_module_and_write_into_out_dir():
     stages = stage_functions()
     assert set(stages) == {f"{s}_task" for s in ("calibration_data", "baseline_model", "quantize", "audit", "evaluate",
-                                                 "export", "surgery", "build", "benchmark")}
+                                                 "export", "surgery", "build", "benchmark", "sensitivity", "recovery")}
     for fn in stages.values():
         assert fn.__module__ == f"clip_fp8.tasks.{stage_name(fn)}"
         assert inspect.signature(fn).return_annotation in (StageOutput, "StageOutput")

@@ -208,6 +208,12 @@ def test_custom_run_from_the_prefect_ui_in_chromium(deployed, tmp_path, request)
         texts = driver.find_elements(By.CSS_SELECTOR, "textarea, input")
         assert sum(e.get_attribute("value") == "embedded:shapes" for e in texts) == 2  # calibration source, dataset name
         driver.save_screenshot(str(shots / "prefect-ui-evaluation-datasets.png"))
+        # quantization.recovery and its budget, with their descriptions (from PipelineConfig's fields).
+        recovery = driver.find_element(By.XPATH, "//label[contains(., 'Recovery')]")
+        driver.execute_script("arguments[0].scrollIntoView();", recovery)
+        assert driver.find_elements(By.XPATH, "//*[contains(text(), 'one more per attempt')]")
+        assert driver.find_elements(By.XPATH, "//label[contains(., 'Max Fp16 Fraction')]")
+        driver.save_screenshot(str(shots / "prefect-ui-recovery-options.png"))
         root = next(e for e in driver.find_elements(By.TAG_NAME, "textarea") if e.get_attribute("value") == "clip-fp8-output")
         set_value(root, str(tmp_path / "ui-out"))
         driver.save_screenshot(str(shots / "prefect-ui-custom-run-form.png"))
