@@ -94,8 +94,9 @@ def test_editing_a_helper_rekeys_exactly_the_stages_that_import_it():
     assert _changed_stages("clip_fp8.tasks.onnx_passes") == {"export", "surgery"}
     # tensorrt: build and benchmark directly, surgery through the pre-flight's logger.
     assert _changed_stages("clip_fp8.tasks.tensorrt") == {"build", "benchmark", "surgery"}
-    # The calibration readers: the stage that selects, quantize that reads batches, surgery's FP8 check.
-    assert _changed_stages("clip_fp8.tasks.calibration_sources") == {"calibration_data", "quantize", "surgery"}
+    # The calibration readers: the stage that selects, quantize and sensitivity that read batches, surgery's FP8 check.
+    assert _changed_stages("clip_fp8.tasks.calibration_sources") == {"calibration_data", "quantize", "sensitivity",
+                                                                     "surgery"}
     # The core module every stage builds on; and the errors module, which build has no use for.
     every = {stage_name(fn) for fn in stage_functions().values()}
     assert _changed_stages("clip_fp8.stage") == every
@@ -139,7 +140,7 @@ def _identities_with(site: Path | None) -> dict[str, str]:
 @pytest.mark.parametrize("distribution, stages", [
     ("clip-benchmark", {"evaluate"}),
     ("onnxruntime", {"surgery"}),
-    ("nvidia-modelopt", {"baseline_model", "quantize", "evaluate", "export", "surgery", "benchmark"}),
+    ("nvidia-modelopt", {"baseline_model", "quantize", "evaluate", "export", "surgery", "benchmark", "sensitivity"}),
 ])
 def test_a_library_upgrade_rekeys_exactly_the_stages_that_import_it(tmp_path, distribution, stages):
     """What an upgrade changes for the key is the installed distribution's metadata: a copy of it with another
