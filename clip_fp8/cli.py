@@ -306,13 +306,17 @@ def deploy(
     gpu_name: list[str] = typer.Option([], help="GPU type to create a one-slot benchmark limit for (repeatable)."),
     notify_block: Optional[str] = typer.Option(None, help="Prefect notification block to alert through when a run "
                                                "regressed (creates the automation in deployments/automations/)."),
+    models: Optional[Path] = typer.Option(None, help="Models file (YAML/JSON: `models:` entries with name, source, "
+                                          "revision, overrides): a nightly with one pipeline run per model."),
 ) -> None:
     """Create the work pool, GPU concurrency limits and the on-demand and nightly deployments (idempotent)."""
+    from clip_fp8.config import ModelsFile
     from clip_fp8.deployments.deploy import deploy_all
 
     try:
-        ids = deploy_all(work_pool, nightly_cron, timezone, tuple(gpu_name), notify_block=notify_block)
-    except ValueError as exc:  # a named thing that does not exist (the notification block)
+        models_file = ModelsFile.from_file(models) if models else None
+        ids = deploy_all(work_pool, nightly_cron, timezone, tuple(gpu_name), notify_block=notify_block, models=models_file)
+    except (ValueError, FileNotFoundError) as exc:  # a bad models file; a named thing that does not exist (the block)
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
     for name, deployment_id in ids.items():

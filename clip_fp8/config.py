@@ -21,6 +21,32 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def read_mapping(path: str | Path, what: str, expected: str) -> dict:
+    """A YAML or JSON file holding a mapping; a syntax error is one line with the file, line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} '{path}' does not exist")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:  # one line: the file, the position, what the parser saw
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            raise ValueError(f"{what} {where}: {getattr(exc, 'problem', None) or exc} (YAML; indent with "
+                             "spaces, not tabs)") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{what} {path}:{exc.lineno}:{exc.colno}: {exc.msg} (JSON)") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path}: expected {expected}, got {type(data).__name__}")
+    return data
+
+
 class ModelConfig(Section):
     source: str = Field(
         EMBEDDED_MODEL,
@@ -237,28 +263,7 @@ class PipelineConfig(Section):
 
     @classmethod
     def from_file(cls, path: str | Path) -> "PipelineConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file '{path}' does not exist")
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            try:
-                data = yaml.safe_load(text) or {}
-            except yaml.YAMLError as exc:  # one line: the file, the position, what the parser saw
-                mark = getattr(exc, "problem_mark", None)
-                where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-                raise ValueError(f"config file {where}: {getattr(exc, 'problem', None) or exc} (YAML; indent with "
-                                 "spaces, not tabs)") from None
-        else:
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"config file {path}:{exc.lineno}:{exc.colno}: {exc.msg} (JSON)") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {path}: expected sections (model, calibration, ...), got {type(data).__name__}")
-        return cls.model_validate(data)
+        return cls.model_validate(read_mapping(path, "config file", "sections (model, calibration, ...)"))
 
     def with_overrides(self, assignments: list[str]) -> "PipelineConfig":
         """Apply ``section.field=value`` overrides; values are parsed as YAML (lists, numbers, bools)."""
@@ -278,3 +283,49 @@ class PipelineConfig(Section):
     def section_json(self, name: str) -> str:
         """Canonical JSON of one section: what a stage's cache key includes."""
         return getattr(self, name).model_dump_json()
+
+
+class ModelEntry(Section):
+    """One model of a models file (``clip-fp8 deploy --models``): its own pipeline run each night."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                      description="Short name: the model's row in the night's table and its run's name prefix.")
+    source: str = Field(description="Its model.source (any form model.source takes).")
+    revision: str | None = Field(None, description="Its model.revision (a Hub commit, tag or branch) to pin.")
+    overrides: list[str] = Field(default=[], description="Its own `section.field=value` overrides, over the night's config.")
+
+    def config(self, base: PipelineConfig) -> PipelineConfig:
+        """The night's config with this model and its overrides; a bad override raises naming this entry."""
+        data = base.model_dump()
+        data["model"].update(source=self.source, revision=self.revision)
+        try:
+            return PipelineConfig.model_validate(data).with_overrides(self.overrides)
+        except ValueError as exc:
+            detail = "; ".join(line.strip() for line in str(exc).splitlines()[1:3] if line.strip()) or str(exc)
+            raise ValueError(f"models entry '{self.name}': {detail}") from None
+
+
+class ModelsFile(Section):
+    """The models a night re-quantizes, each as its own pipeline run."""
+
+    models: list[ModelEntry] = Field(min_length=1, description="The models, each with a unique name.")
+
+    @field_validator("models")
+    @classmethod
+    def _names_are_unique(cls, models: list[ModelEntry]) -> list[ModelEntry]:
+        names = [m.name for m in models]
+        if twice := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"models file names {', '.join(repr(n) for n in twice)} more than once")
+        return models
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelsFile":
+        from pydantic import ValidationError
+
+        data = read_mapping(path, "models file", "a `models:` list")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:  # one line: where in the file, and what
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise ValueError(f"models file {path}: {where}: {first['msg']}") from None

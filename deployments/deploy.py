@@ -9,6 +9,9 @@
   docker and kubernetes pools with GPUs.
 - Global concurrency limit ``gpu:<GPU name>`` with one slot: the benchmark stage takes it, so two runs
   never time engines on the same GPU type at once.
+- With ``--models models.yaml``: ``clip-fp8-models-nightly`` (``flows/models_night.py``) on the nightly's
+  schedule, one pipeline run per model of the file and one table for all; the single-model nightly is
+  then deployed paused.
 - With ``--notify-block NAME``: the automation in ``automations/regression-alert.yaml``, sending a
   notification through your Prefect notification block NAME whenever a run regressed.
 """
@@ -18,13 +21,15 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from clip_fp8.config import PipelineConfig
+from clip_fp8.config import ModelsFile, PipelineConfig
 from clip_fp8.tasks.tensorrt import gpu_info, gpu_limit_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENTRYPOINT = "flows/pipeline.py:clip_fp8_pipeline"
 ON_DEMAND = "clip-fp8-on-demand"
 NIGHTLY = "clip-fp8-nightly"
+MODELS_ENTRYPOINT = "flows/models_night.py:clip_fp8_models"
+MODELS_NIGHTLY = "clip-fp8-models-nightly"
 REGRESSION_ALERT = Path(__file__).resolve().parent / "automations" / "regression-alert.yaml"
 
 
@@ -87,7 +92,8 @@ async def ensure_regression_alert(block_name: str) -> str:
 
 def deploy_all(work_pool: str = "gpu", nightly_cron: str = "0 2 * * *", timezone: str = "UTC",
                gpu_names: tuple[str, ...] = (), on_demand_config: PipelineConfig | None = None,
-               nightly_config: PipelineConfig | None = None, notify_block: str | None = None) -> dict[str, str]:
+               nightly_config: PipelineConfig | None = None, notify_block: str | None = None,
+               models: ModelsFile | None = None) -> dict[str, str]:
     """Create or update everything; return deployment name -> id."""
     from prefect import flow
     from prefect.schedules import Cron
@@ -108,10 +114,22 @@ def deploy_all(work_pool: str = "gpu", nightly_cron: str = "0 2 * * *", timezone
     ids[NIGHTLY] = str(source.deploy(
         name=NIGHTLY, work_pool_name=work_pool, build=False, push=False, print_next_steps=False,
         parameters={"config": (nightly_config or production_config()).model_dump(mode="json")},
-        schedules=[Cron(nightly_cron, timezone=timezone)],
-        description="Nightly re-quantization of the production CLIP; unchanged inputs finish from the cache.",
+        schedules=[Cron(nightly_cron, timezone=timezone)], paused=models is not None,
+        description="Nightly re-quantization of the production CLIP; unchanged inputs finish from the cache."
+        + (f" Paused: {MODELS_NIGHTLY} runs the models file." if models is not None else ""),
         tags=["clip-fp8", "nightly"],
     ))
+    if models is not None:
+        many = flow.from_source(source=str(REPO_ROOT), entrypoint=MODELS_ENTRYPOINT)
+        ids[MODELS_NIGHTLY] = str(many.deploy(
+            name=MODELS_NIGHTLY, work_pool_name=work_pool, build=False, push=False, print_next_steps=False,
+            parameters={"models": [m.model_dump(mode="json") for m in models.models],
+                        "config": (nightly_config or production_config()).model_dump(mode="json"),
+                        "deployment": f"clip-fp8/{ON_DEMAND}"},
+            schedules=[Cron(nightly_cron, timezone=timezone)],
+            description="Nightly: one clip-fp8 pipeline run per model of the models file, one table for all.",
+            tags=["clip-fp8", "nightly", "models"],
+        ))
     if notify_block:
         ids["regression-alert (automation)"] = asyncio.run(ensure_regression_alert(notify_block))
     return ids

@@ -57,6 +57,9 @@ from clip_fp8.tasks.sensitivity import sensitivity
 from clip_fp8.tasks.surgery import surgery
 from clip_fp8.tasks.tensorrt import gpu_limit_name, resolve_target
 
+# Every run's outcome as a one-row table artifact: what a parent run (flows/models_night.py) reads back.
+OUTCOME_ARTIFACT = "clip-fp8-outcome"
+
 calibration_data_task = stage_task(calibration_data, retries=2)
 baseline_model_task = stage_task(baseline_model, retries=2)
 quantize_task = stage_task(quantize, retries=1)
@@ -295,6 +298,9 @@ class RunRecord:
         if self.store.remote:
             print(f"report uploaded: {self.store.upload_run(self.dir)}/report.md")
         create_markdown_artifact(key="clip-fp8-report", markdown=markdown, description=f"clip-fp8 run {self.dir.name}")
+        create_table_artifact(key=OUTCOME_ARTIFACT, table=[{
+            "run": s["run"], "status": s["status"], "promotable": s["promotable"], "error": s.get("error", ""),
+            "report": s["artifacts"]["report"]}], description=f"clip-fp8 run {self.dir.name}: outcome")
         print(f"report: {self.dir / 'report.md'}")
         for _, exc in self.failures:  # for a caller that reports the failure (the CLI's stage table)
             try:

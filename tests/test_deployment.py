@@ -329,6 +329,61 @@ def test_regression_alert_automation_is_created_from_the_shipped_definition(depl
     assert missing.returncode == 2 and missing.stderr.startswith("error: no Prefect block named 'no-such-block'")
 
 
+def test_a_models_file_gives_one_run_per_model_and_one_table(deployed, tmp_path):
+    """`clip-fp8 deploy --models`: a nightly whose run starts one pipeline run per model on the pool's worker, a
+    broken entry failing alone with its message, and one table for all of them."""
+    import yaml
+
+    from data_fixtures import write_outlier_checkpoint
+
+    second = tmp_path / "second-model"
+    write_outlier_checkpoint(second)  # a second small checkpoint (its gate fails: `mark` in its overrides)
+    missing = tmp_path / "no-such-checkpoint"
+    models = tmp_path / "models.yaml"
+    models.write_text(yaml.safe_dump({"models": [
+        {"name": "tiny", "source": "embedded:tiny-clip-shapes"},
+        {"name": "outlier", "source": str(second), "overrides": ["evaluation.on_gate_failure=mark"]},
+        {"name": "broken", "source": str(missing)}]}))
+    args = [str(BIN / "clip-fp8"), "deploy", "--work-pool", "test-pool", "--nightly-cron", "30 3 * * *",
+            "--timezone", "Europe/Berlin", "--models"]
+    out = subprocess.run([*args, str(models)], env=deployed["env"], capture_output=True, text=True, timeout=300,
+                         cwd=deployed["home"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    nightly = _api(deployed, lambda c: c.read_deployment_by_name("clip-fp8-models/clip-fp8-models-nightly"))
+    assert nightly.schedules[0].schedule.cron == "30 3 * * *" and [m["name"] for m in nightly.parameters["models"]] == [
+        "tiny", "outlier", "broken"]
+    single = _api(deployed, lambda c: c.read_deployment_by_name("clip-fp8/clip-fp8-nightly"))
+    assert single.paused  # the models nightly runs the models now
+
+    config = PipelineConfig.model_validate(_small_config(tmp_path / "out"))
+    parent = _api(deployed, lambda c: c.create_flow_run_from_deployment(
+        nightly.id, parameters={"config": config.model_dump(mode="json")}))
+    parent = _wait_for_run(deployed, parent.id, timeout=900)
+    assert parent.state.is_failed(), parent.state  # one model failed: the night says so, naming it alone
+    assert parent.state.message.count(": ") >= 1 and "1 of 3 models failed: broken: " in parent.state.message
+    assert str(missing) in parent.state.message
+
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, \
+        FlowRunFilterParentFlowRunId
+
+    (table,) = [a for a in _api(deployed, lambda c: c.read_artifacts(artifact_filter=ArtifactFilter(
+        flow_run_id=ArtifactFilterFlowRunId(any_=[parent.id])))) if a.key == "clip-fp8-models"]
+    rows = {r["model"]: r for r in json.loads(table.data)}
+    assert rows["tiny"]["state"] == rows["outlier"]["state"] == "Completed" and rows["broken"]["state"] == "Failed"
+    assert rows["tiny"]["promotable"] and not rows["outlier"]["promotable"]  # the outlier's gate failed, marked
+    assert str(missing) in rows["broken"]["error"] and "\n" not in rows["broken"]["error"]
+    assert Path(rows["tiny"]["report"]).is_file() and Path(rows["outlier"]["report"]).is_file()
+    children = _api(deployed, lambda c: c.read_flow_runs(flow_run_filter=FlowRunFilter(
+        parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id]))))
+    assert sorted(r.name.split("-")[0] for r in children) == ["broken", "outlier", "tiny"]
+    # A bad models file: one line naming the entry and the field, nothing deployed differently.
+    models.write_text(yaml.safe_dump({"models": [{"name": "tiny", "source": "embedded:tiny-clip-shapes", "revison": "x"}]}))
+    bad = subprocess.run([*args, str(models)], env=deployed["env"], capture_output=True, text=True, timeout=300,
+                         cwd=deployed["home"])
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+    assert bad.stderr.startswith(f"error: models file {models}: models.0.revison: ")
+
+
 def test_prefect_yaml_deploys_with_prefect_deploy_all(server):
     # Last in this module: it redefines the deployments the tests above ran against, on pool "gpu".
     repo = Path(__file__).resolve().parent.parent
