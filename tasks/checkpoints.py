@@ -120,10 +120,11 @@ def load_clip(path: str | Path, cfg: ModelConfig, attn_implementation: str = "sd
     from transformers import CLIPModel
 
     device = pick_device(cfg)
-    model = CLIPModel.from_pretrained(
-        str(path), dtype=pick_dtype(cfg, device), attn_implementation=attn_implementation,
-        use_safetensors=True, trust_remote_code=False,
-    )
+    with clip_model_construction():
+        model = CLIPModel.from_pretrained(
+            str(path), dtype=pick_dtype(cfg, device), attn_implementation=attn_implementation,
+            use_safetensors=True, trust_remote_code=False,
+        )
     return model.eval().to(device)
 
 
@@ -133,9 +134,19 @@ def load_processor(path: str | Path):
     return CLIPProcessor.from_pretrained(str(path))
 
 
-# ModelOpt's module registry and its Hugging Face checkpointing hooks are process-global: two stages
-# restoring at once in one process (evaluate beside surgery) must not register the same class twice.
-_MODELOPT_LOCK = threading.Lock()
+# ModelOpt's module registry and its Hugging Face checkpointing hooks are process-global. Once
+# `mto.enable_huggingface_checkpointing()` has run in a process, every `CLIPModel.from_pretrained(path)`
+# swaps `CLIPModel.__init__` for one that restores `path`'s ModelOpt state, for the length of the call: a
+# CLIPModel built meanwhile in another thread (a baseline loaded beside a quantized checkpoint) came out
+# fake-quantized with the other model's quantizers (seen in a full test run: baseline acc1 0.43 instead
+# of 1.0). So every CLIPModel construction in a process holds this lock (`clip_model_construction`), and
+# two stages restoring at once do not register the same class twice.
+_MODELOPT_LOCK = threading.RLock()
+
+
+def clip_model_construction():
+    """Hold while building a ``CLIPModel`` (``from_pretrained`` or a constructor): see ``_MODELOPT_LOCK``."""
+    return _MODELOPT_LOCK
 
 
 def register_quantized_attention(model) -> None:
@@ -155,7 +166,7 @@ def load_quantized(checkpoint: str | Path, model_cfg: ModelConfig, attn_implemen
     # The quantized-attention class must be registered before from_pretrained restores modelopt_state.
     config = CLIPConfig.from_pretrained(str(checkpoint))
     config._attn_implementation = attn_implementation
-    with torch.device("meta"):  # structure only: no weights allocated for the registration walk
+    with clip_model_construction(), torch.device("meta"):  # structure only: no weights for the registration walk
         register_quantized_attention(CLIPModel(config))
     device = pick_device(model_cfg)
     with CLIP_FORWARD_LOCK, _MODELOPT_LOCK:  # this order everywhere: an export holds the first, then restores

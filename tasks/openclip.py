@@ -210,7 +210,10 @@ def convert(name_or_config: str, pretrained: str | None, allow_pickle: bool, pre
 
     state = read_state_dict(checkpoint, allow_pickle)
     hf_config = clip_config(config, quick_gelu)
-    model = CLIPModel(hf_config)
+    from clip_fp8.tasks.checkpoints import clip_model_construction
+
+    with clip_model_construction():
+        model = CLIPModel(hf_config)
     converted = convert_state_dict(state, hf_config.vision_config.num_hidden_layers, hf_config.text_config.num_hidden_layers)
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in converted.items()}, strict=False)
     missing = [m for m in missing if not m.endswith("position_ids")]

@@ -187,3 +187,55 @@ def test_model_revision_keys_the_cache_and_an_offline_hub_id_says_what_to_do(tmp
     ref = resolve_model_source(ModelConfig(source=str(snapshot)))
     assert ref.meta["resolved_revision"] == "0123456789abcdef"
     assert ref.digest == resolve_model_source(ModelConfig()).digest  # same files, other path: same content key
+
+
+def test_a_baseline_loaded_while_a_quantized_checkpoint_restores_stays_a_baseline(tmp_path, monkeypatch):
+    """ModelOpt's from_pretrained swaps CLIPModel.__init__ for one that restores its checkpoint's quantizers, for
+    the length of the call. A baseline load that builds its model inside that window (here: its config read is
+    slowed down, and the quantized restore too, so the window surely overlaps) came out fake-quantized with the
+    other checkpoint's quantizers; every CLIPModel construction holds one lock (``clip_model_construction``)."""
+    import threading
+    import time
+
+    import modelopt.torch.opt as mto
+    import modelopt.torch.opt.plugins.huggingface as hf_checkpointing
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.quantization.nn import TensorQuantizer
+    from transformers import CLIPConfig
+
+    from clip_fp8.tasks.checkpoints import load_clip, load_quantized, register_quantized_attention
+    from clip_fp8.tasks.export import dummy_inputs
+    from clip_fp8.tasks.quantize import fp8_quant_config
+
+    model_cfg, baseline_path = ModelConfig(), EMBEDDED_MODELS["tiny-clip-shapes"]
+    model = load_clip(baseline_path, model_cfg)
+    register_quantized_attention(model)
+    calib = dummy_inputs(model, 4)
+    mtq.quantize(model, fp8_quant_config(PipelineConfig().quantization),
+                 lambda m: m(input_ids=calib["text"], pixel_values=calib["image"]))
+    mto.enable_huggingface_checkpointing()
+    model.save_pretrained(tmp_path / "quantized")
+
+    read_config, restore = CLIPConfig.from_pretrained.__func__, hf_checkpointing.restore_from_modelopt_state
+
+    def slow_baseline_config(cls, path, *args, **kwargs):
+        if Path(str(path)) == Path(baseline_path):
+            time.sleep(1.0)  # the baseline load is between its own patch and its construction
+        return read_config(cls, path, *args, **kwargs)
+
+    def slow_restore(*args, **kwargs):
+        time.sleep(2.0)  # the quantized load's patch stays in place
+        return restore(*args, **kwargs)
+
+    monkeypatch.setattr(CLIPConfig, "from_pretrained", classmethod(slow_baseline_config))
+    monkeypatch.setattr(hf_checkpointing, "restore_from_modelopt_state", slow_restore)
+    loaded = {}
+    threads = [threading.Thread(target=lambda: loaded.update(baseline=load_clip(baseline_path, model_cfg))),
+               threading.Thread(target=lambda: loaded.update(fp8=load_quantized(tmp_path / "quantized", model_cfg)))]
+    threads[0].start()
+    time.sleep(0.3)
+    threads[1].start()
+    for thread in threads:
+        thread.join()
+    assert any(isinstance(m, TensorQuantizer) for m in loaded["fp8"].modules())
+    assert not any(isinstance(m, TensorQuantizer) for m in loaded["baseline"].modules())
