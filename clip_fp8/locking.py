@@ -10,7 +10,7 @@ node) leaves a lock that every later run waits on forever.
 holder's process lives. A live holder keeps its lock however long the stage takes; a dead one stops
 renewing and the lock expires within one lease, after which Prefect's own expiry check removes it.
 Lock files live beside the result storage, so runs on several hosts sharing that directory coordinate
-through it.
+through it; runs that share only an ``s3://`` store lock through the bucket (``clip_fp8.object_locks``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,12 @@ LEASE_ENV = "CLIP_FP8_LOCK_LEASE_S"
 DEFAULT_LEASE_S = 30.0
 
 # Every manager of this process, so that an interrupted run can give its locks back before it exits.
-_MANAGERS: "weakref.WeakSet[LeasedFileLockManager]" = weakref.WeakSet()
+_MANAGERS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def register(manager) -> None:
+    """Count ``manager`` (anything with ``release_held()``) among this process's lock managers."""
+    _MANAGERS.add(manager)
 
 
 def release_held_locks() -> int:

@@ -11,7 +11,8 @@ parameters are the function's own (less ``out_dir``, plus the ``store`` to publi
   packages are not thread-safe to resolve);
 - an optional Prefect concurrency limit named from the inputs (the benchmark's ``gpu:<GPU name>``);
 - wall-clock start and end of each execution, for the run report (cache hits do not execute).
-Result records and cache-key locks are per run (``output.root``): ``stage_results`` sets them.
+Result records and cache-key locks are per run (``output.root``): ``stage_results`` sets them (locks in the
+bucket itself for an ``s3://`` root, so that hosts sharing only the bucket compute each artifact once).
 """
 
 from __future__ import annotations
@@ -152,6 +153,18 @@ def result_storage(store: ArtifactStore):
     return f"remote-file-system/{name}"
 
 
+def lock_manager(store: ArtifactStore):
+    """Where cache-key locks live: in the bucket for an ``s3://`` store (hosts that share only the bucket
+    must see each other's locks), else as files beside the store's local root."""
+    if store.remote and store.url.startswith("s3://"):
+        import fsspec
+
+        from clip_fp8.object_locks import ObjectStoreLockManager
+
+        return ObjectStoreLockManager(fsspec.core.url_to_fs(store.url)[0], f"{store.url}/locks")
+    return LeasedFileLockManager(store.root.resolve() / "locks")
+
+
 @contextmanager
 def stage_results(store: ArtifactStore):
     """Within the block, stage tasks keep their result and cache records beside the artifacts (a local
@@ -160,8 +173,6 @@ def stage_results(store: ArtifactStore):
     replaces for the block; the task runner's threads inherit it."""
     context = FlowRunContext.get()
     result_store = ResultStore(
-        result_storage=resolve_result_storage(result_storage(store)),
-        lock_manager=LeasedFileLockManager(store.root.resolve() / "locks"),
-    )
+        result_storage=resolve_result_storage(result_storage(store)), lock_manager=lock_manager(store))
     with context.model_copy(update={"result_store": result_store}):
         yield

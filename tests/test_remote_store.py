@@ -72,3 +72,85 @@ def test_second_worker_reuses_everything_from_the_bucket(s3_endpoint, tmp_path):
     assert not any(name.endswith(".onnx") for name in downloaded)  # reports name the bucket's files, fetch none
     assert second["artifacts"]["onnx_fp8_image"].startswith(url + "/store/surgery/")
     assert not list((tmp_path / "host-b" / "cache" / "stores").glob("*/store/*/*"))
+
+
+def _s3(env: dict):
+    import s3fs
+
+    return s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]})
+
+
+def test_object_store_locks_admit_one_holder_and_expire_a_dead_one(s3_endpoint):
+    """Two hosts' lock managers on one bucket: one holder at a time, renewed while alive, taken over once its
+    lease runs out after it died, and a late release by the dead one never removes the new holder's lock."""
+    import threading
+    import time
+
+    from clip_fp8.object_locks import ObjectStoreLockManager
+
+    host_a, host_b = (ObjectStoreLockManager(_s3(s3_endpoint), "s3://models/lock-test/locks", lease_seconds=2)
+                      for _ in range(2))
+    assert host_a.acquire_lock("key", "a") and not host_b.acquire_lock("key", "b", acquire_timeout=3)  # renewed past 2 s
+    host_a._stop_renewing("key")  # host a dies: nobody renews its lease
+    died = time.monotonic()
+    assert host_b.acquire_lock("key", "b", acquire_timeout=10)
+    assert time.monotonic() - died < 2 + 1.5  # within one lease (and a poll)
+    host_a.release_lock("key", "a")  # the dead one's late release: its object is gone, b's stays
+    assert host_b.is_locked("key") and host_b.is_lock_holder("key", "b")
+    host_b.release_lock("key", "b")
+    assert not host_b.is_locked("key")
+    # Many hosts at the same moment: exactly one creates the lock.
+    managers = [ObjectStoreLockManager(_s3(s3_endpoint), "s3://models/lock-test/locks", lease_seconds=5) for _ in range(6)]
+    won: list[bool] = []
+    threads = [threading.Thread(target=lambda m=m, i=i: won.append(m.acquire_lock("race", f"h{i}", acquire_timeout=0)))
+               for i, m in enumerate(managers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(won) == [False] * 5 + [True]
+    for m in managers:
+        m.release_held()
+
+
+def _start_on_host(host: Path, env: dict, url: str, extra: list[str] = ()) -> subprocess.Popen:
+    host.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [str(BIN / "clip-fp8"), "run", "-o", url, "--set", "calibration.num_samples=256", "--set",
+         "calibration.batch_size=128", "--set", "evaluation.num_samples=200", "--set", f"output.run_name={host.name}",
+         *extra],
+        env={**os.environ, **env, "CLIP_FP8_CACHE_DIR": str(host / "cache"), "PREFECT_HOME": str(host / "prefect"),
+             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "CLIP_FP8_LOCK_LEASE_S": "5"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=host, start_new_session=True)
+
+
+def test_two_hosts_sharing_only_the_bucket_compute_each_artifact_once_and_survive_a_killed_holder(s3_endpoint, tmp_path):
+    import signal
+    import time
+
+    url, fs = "s3://models/two-hosts", _s3(s3_endpoint)
+    hosts = [_start_on_host(tmp_path / f"host-{h}", s3_endpoint, url) for h in "ab"]
+    for proc in hosts:
+        _, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-3000:]
+    summaries = [json.loads(fs.cat_file(f"models/two-hosts/runs/host-{h}/summary.json")) for h in "ab"]
+    for stage in STAGES:  # each computed by one host, found by the other
+        assert sorted(s["stages"][stage]["status"] for s in summaries) == ["cached", "completed"], stage
+    assert not fs.glob("models/two-hosts/locks/*.lock")
+
+    # New calibration data on both hosts at once; the one that holds quantize's lock (it is staging quantize
+    # in its local cache) is killed there: the other takes the lock over once the lease runs out, and computes it.
+    hosts = {h: _start_on_host(tmp_path / f"host-{h}", s3_endpoint, url, ["--set", "calibration.seed=7"]) for h in "cd"}
+    victim, deadline = None, time.time() + 300
+    while victim is None and time.time() < deadline:
+        victim = next((h for h in "cd" if list((tmp_path / f"host-{h}" / "cache").glob("stores/*/store/quantize/.tmp-*"))),
+                      None)
+        time.sleep(0.05)
+    assert victim is not None, "neither host started quantizing"
+    os.killpg(hosts[victim].pid, signal.SIGKILL)
+    survivor = "d" if victim == "c" else "c"
+    _, err = hosts[survivor].communicate(timeout=900)
+    assert hosts[survivor].returncode == 0, err[-3000:]
+    summary = json.loads(fs.cat_file(f"models/two-hosts/runs/host-{survivor}/summary.json"))
+    assert summary["status"] == "completed" and summary["stages"]["quantize"]["status"] == "completed"
+    assert not fs.glob("models/two-hosts/locks/*.lock")
