@@ -21,7 +21,7 @@ import threading
 import weakref
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from prefect.locking.filesystem import FileSystemLockManager
 from prefect.types._datetime import now
@@ -52,12 +52,12 @@ class LeasedFileLockManager(FileSystemLockManager):
     def __init__(self, lock_files_directory: Path, lease_seconds: float | None = None) -> None:
         super().__init__(lock_files_directory)
         self.lease_seconds = float(lease_seconds or os.environ.get(LEASE_ENV) or DEFAULT_LEASE_S)
-        self._renewers: dict[str, tuple[threading.Event, threading.Thread]] = {}
+        self._renewers = LeaseRenewers(self.lease_seconds, "lock-lease")
         _MANAGERS.add(self)
 
     def release_held(self) -> int:
         released = 0
-        for key in list(self._renewers):
+        for key in self._renewers.keys():
             holder = (self._locks.get(key) or {}).get("holder")
             self._stop_renewing(key)
             path = self._lock_path_for_key(key)
@@ -103,30 +103,55 @@ class LeasedFileLockManager(FileSystemLockManager):
             return False
 
     def _start_renewing(self, key: str, holder: str) -> None:
-        self._stop_renewing(key)
-        stop = threading.Event()
         path = self._lock_path_for_key(key)
 
-        def renew() -> None:
-            while not stop.wait(self.lease_seconds / 3):
-                try:
-                    current = json.loads(path.read_bytes())
-                except (FileNotFoundError, ValueError):
-                    return  # released, or taken over after we stalled past the lease: not ours to renew
-                if current.get("holder") != holder:
-                    return
-                expiration = now("UTC") + timedelta(seconds=self.lease_seconds)
-                # Readers see the old lease or the new one, never a torn file.
-                atomic_write(path, json.dumps({"holder": holder, "expiration": str(expiration)}))
-                if key in self._locks:
-                    self._locks[key]["expiration"] = expiration
+        def renew() -> bool:
+            try:
+                current = json.loads(path.read_bytes())
+            except (FileNotFoundError, ValueError):
+                return False  # released, or taken over after we stalled past the lease: not ours to renew
+            if current.get("holder") != holder:
+                return False
+            expiration = now("UTC") + timedelta(seconds=self.lease_seconds)
+            # Readers see the old lease or the new one, never a torn file.
+            atomic_write(path, json.dumps({"holder": holder, "expiration": str(expiration)}))
+            if key in self._locks:
+                self._locks[key]["expiration"] = expiration
+            return True
 
-        thread = threading.Thread(target=renew, name=f"lock-lease-{key[:12]}", daemon=True)
-        self._renewers[key] = (stop, thread)
-        thread.start()
+        self._renewers.start(key, renew)
 
     def _stop_renewing(self, key: str) -> None:
-        renewer = self._renewers.pop(key, None)
+        self._renewers.stop(key)
+
+
+class LeaseRenewers:
+    """One daemon thread per held key, calling ``renew()`` every third of a lease until it returns False
+    (the lock is no longer ours) or ``stop(key)``: what keeps a live holder's lease from running out."""
+
+    def __init__(self, lease_seconds: float, name: str):
+        self.lease_seconds = lease_seconds
+        self.name = name
+        self._threads: dict[str, tuple[threading.Event, threading.Thread]] = {}
+
+    def start(self, key: str, renew: Callable[[], bool]) -> None:
+        self.stop(key)
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(self.lease_seconds / 3):
+                if not renew():
+                    return
+
+        thread = threading.Thread(target=loop, name=f"{self.name}-{key[:12]}", daemon=True)
+        self._threads[key] = (stop, thread)
+        thread.start()
+
+    def stop(self, key: str) -> None:
+        renewer = self._threads.pop(key, None)
         if renewer is not None:
             renewer[0].set()
             renewer[1].join(timeout=5)
+
+    def keys(self) -> list[str]:
+        return list(self._threads)

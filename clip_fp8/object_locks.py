@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any, Optional
 
-from clip_fp8.locking import DEFAULT_LEASE_S, LEASE_ENV, register
+from clip_fp8.locking import DEFAULT_LEASE_S, LEASE_ENV, LeaseRenewers, register
 
 
 def _condition_failed(exc: OSError) -> bool:
@@ -41,7 +41,7 @@ class ObjectStoreLockManager:
         self.lease_seconds = float(lease_seconds or os.environ.get(LEASE_ENV) or DEFAULT_LEASE_S)
         self.poll_seconds = poll_seconds
         self._held: dict[str, tuple[str, str]] = {}  # key -> (holder, ETag of the object we last wrote)
-        self._renewers: dict[str, tuple[threading.Event, threading.Thread]] = {}
+        self._renewers = LeaseRenewers(self.lease_seconds, "s3-lock-lease")
         self._lock = threading.Lock()
         register(self)
 
@@ -138,30 +138,23 @@ class ObjectStoreLockManager:
         return await asyncio.to_thread(self.wait_for_lock, key, timeout)
 
     def _start_renewing(self, key: str, holder: str) -> None:
-        stop = threading.Event()
+        def renew() -> bool:
+            with self._lock:
+                held = self._held.get(key)
+            if held is None or held[0] != holder:
+                return False
+            try:
+                etag = self._write(key, holder, {"IfMatch": held[1]})
+            except OSError as exc:
+                # Taken over after we stalled past the lease: not ours any more. Else a network hiccup:
+                # try again before the lease runs out.
+                return not _condition_failed(exc)
+            with self._lock:
+                if key in self._held:
+                    self._held[key] = (holder, etag)
+            return True
 
-        def renew() -> None:
-            while not stop.wait(self.lease_seconds / 3):
-                with self._lock:
-                    held = self._held.get(key)
-                if held is None or held[0] != holder:
-                    return
-                try:
-                    etag = self._write(key, holder, {"IfMatch": held[1]})
-                except OSError as exc:
-                    if _condition_failed(exc):
-                        return  # taken over after we stalled past the lease: not ours any more
-                    continue  # a network hiccup: try again before the lease runs out
-                with self._lock:
-                    if key in self._held:
-                        self._held[key] = (holder, etag)
-
-        thread = threading.Thread(target=renew, name=f"s3-lock-lease-{key[:12]}", daemon=True)
-        self._renewers[key] = (stop, thread)
-        thread.start()
+        self._renewers.start(key, renew)
 
     def _stop_renewing(self, key: str) -> None:
-        renewer = self._renewers.pop(key, None)
-        if renewer is not None:
-            renewer[0].set()
-            renewer[1].join(timeout=5)
+        self._renewers.stop(key)

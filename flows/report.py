@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
+
+from clip_fp8.plotting import pyplot, save_png
 
 
 def _mb(n: int | None) -> str:
@@ -93,18 +94,12 @@ def render_markdown(summary: dict[str, Any]) -> str:
 
 def warm_plotting() -> None:
     """Import matplotlib with its non-interactive backend now (the CLI does it while its server starts)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot  # noqa: F401
+    pyplot()
 
 
 def plot_benchmark(rows: list[dict], path) -> bytes:
     """Latency and throughput against batch size, one line per (encoder, variant); PNG bytes, also written to ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (lat, thr) = plt.subplots(1, 2, figsize=(10, 4))
     series: dict[tuple[str, str], list[dict]] = {}
@@ -122,10 +117,7 @@ def plot_benchmark(rows: list[dict], path) -> bytes:
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
     lat.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path).read_bytes()
+    return save_png(fig, path, dpi=110)
 
 
 def _history_section(summary: dict[str, Any]) -> list[str]:
@@ -157,10 +149,7 @@ def _history_section(summary: dict[str, Any]) -> list[str]:
 
 def plot_trend(records: list[dict], path) -> bytes:
     """FP8 metrics (and batch-128 latency, where measured) over a model's runs; PNG bytes, also written to ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from clip_fp8.history import latency_b128
 
@@ -190,7 +179,4 @@ def plot_trend(records: list[dict], path) -> bytes:
         a.set_xticks(x, labels, rotation=45, ha="right", fontsize=7)
         a.grid(True, alpha=0.3)
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path).read_bytes()
+    return save_png(fig, path, dpi=100)

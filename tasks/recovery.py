@@ -22,6 +22,7 @@ from pathlib import Path
 
 from clip_fp8.artifacts import ArtifactRef
 from clip_fp8.errors import QualityGateError
+from clip_fp8.plotting import pyplot, save_png
 from clip_fp8.stage import StageOutput
 
 SUGGESTED_MAX = 5
@@ -62,10 +63,7 @@ def gated_metric(gate: dict) -> dict:
 
 def plot_tradeoff(points: list[dict], metric: dict, chosen: int | None, path: Path) -> bytes:
     """The gated metric against the share of GEMM work in FP8: the baseline, each attempt, the gate line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = [100 * (1 - p["fp16_share"]) for p in points]
@@ -82,10 +80,7 @@ def plot_tradeoff(points: list[dict], metric: dict, chosen: int | None, path: Pa
     ax.set_title(f"FP8 coverage vs {metric['metric']}", fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path).read_bytes()
+    return save_png(fig, path, dpi=100)
 
 
 def recovery_markdown(result: dict, png: bytes) -> str:
