@@ -18,3 +18,18 @@ CLIP_FORWARD_LOCK = threading.RLock()
 
 # CLIP's byte-level BPE vocabulary: 256 byte tokens, the same with </w>, 48,894 merges and 2 specials.
 CLIP_VOCAB_SIZE = 49408
+
+
+# ModelOpt's module registry and its Hugging Face checkpointing hooks are process-global. Once
+# `mto.enable_huggingface_checkpointing()` has run in a process, every `CLIPModel.from_pretrained(path)`
+# swaps `CLIPModel.__init__` for one that restores `path`'s ModelOpt state, for the length of the call: a
+# CLIPModel built meanwhile in another thread (a baseline loaded beside a quantized checkpoint) came out
+# fake-quantized with the other model's quantizers (seen in a full test run: baseline acc1 0.43 instead
+# of 1.0). So every CLIPModel construction in a process holds this lock (`clip_model_construction`), and
+# two stages restoring at once do not register the same class twice.
+MODELOPT_LOCK = threading.RLock()
+
+
+def clip_model_construction():
+    """Hold while building a ``CLIPModel`` (``from_pretrained`` or a constructor): see ``MODELOPT_LOCK``."""
+    return MODELOPT_LOCK

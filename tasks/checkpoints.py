@@ -14,12 +14,11 @@ quantizing and before every restore, because a restore without it fails or silen
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 from clip_fp8 import ASSETS_DIR
 from clip_fp8.artifacts import ArtifactRef, sha256_tree
-from clip_fp8.clip import CLIP_FORWARD_LOCK
+from clip_fp8.clip import CLIP_FORWARD_LOCK, MODELOPT_LOCK, clip_model_construction
 from clip_fp8.config import ModelConfig
 from clip_fp8.errors import PipelineInputError
 
@@ -134,26 +133,11 @@ def load_processor(path: str | Path):
     return CLIPProcessor.from_pretrained(str(path))
 
 
-# ModelOpt's module registry and its Hugging Face checkpointing hooks are process-global. Once
-# `mto.enable_huggingface_checkpointing()` has run in a process, every `CLIPModel.from_pretrained(path)`
-# swaps `CLIPModel.__init__` for one that restores `path`'s ModelOpt state, for the length of the call: a
-# CLIPModel built meanwhile in another thread (a baseline loaded beside a quantized checkpoint) came out
-# fake-quantized with the other model's quantizers (seen in a full test run: baseline acc1 0.43 instead
-# of 1.0). So every CLIPModel construction in a process holds this lock (`clip_model_construction`), and
-# two stages restoring at once do not register the same class twice.
-_MODELOPT_LOCK = threading.RLock()
-
-
-def clip_model_construction():
-    """Hold while building a ``CLIPModel`` (``from_pretrained`` or a constructor): see ``_MODELOPT_LOCK``."""
-    return _MODELOPT_LOCK
-
-
 def register_quantized_attention(model) -> None:
     """Swap ``CLIPAttention`` for ModelOpt's quantized attention (must precede quantize and restore)."""
     from modelopt.torch.quantization.plugins.huggingface import register_hf_attentions_on_the_fly
 
-    with _MODELOPT_LOCK:
+    with MODELOPT_LOCK:
         register_hf_attentions_on_the_fly(model)
 
 
@@ -169,7 +153,7 @@ def load_quantized(checkpoint: str | Path, model_cfg: ModelConfig, attn_implemen
     with clip_model_construction(), torch.device("meta"):  # structure only: no weights for the registration walk
         register_quantized_attention(CLIPModel(config))
     device = pick_device(model_cfg)
-    with CLIP_FORWARD_LOCK, _MODELOPT_LOCK:  # this order everywhere: an export holds the first, then restores
+    with CLIP_FORWARD_LOCK, MODELOPT_LOCK:  # this order everywhere: an export holds the first, then restores
         mto.enable_huggingface_checkpointing()
         model = CLIPModel.from_pretrained(
             str(checkpoint), dtype=pick_dtype(model_cfg, device), attn_implementation=attn_implementation,

@@ -210,7 +210,7 @@ def convert(name_or_config: str, pretrained: str | None, allow_pickle: bool, pre
 
     state = read_state_dict(checkpoint, allow_pickle)
     hf_config = clip_config(config, quick_gelu)
-    from clip_fp8.tasks.checkpoints import clip_model_construction
+    from clip_fp8.clip import clip_model_construction
 
     with clip_model_construction():
         model = CLIPModel(hf_config)
