@@ -229,8 +229,12 @@ def _print_stages(summary: dict) -> None:
         typer.echo(f"{name:<18}{stage['status']:<11}{stage['seconds']:>9.2f}  {note[0]}".rstrip())
         for more in note[1:]:
             typer.echo(" " * indent + more)
-    for variant, metrics in summary.get("metrics", {}).items():
-        typer.echo(f"{variant:>8}: " + ", ".join(f"{k.split('/')[-1]}={v:.4f}" for k, v in metrics.items()))
+    shown = {"baseline": summary.get("metrics", {}).get("baseline")} | (
+        summary.get("runtime_metrics") or {"fp8": summary.get("metrics", {}).get("fp8")})
+    for variant, metrics in shown.items():
+        gated = " (gate)" if variant == summary.get("gate_runtime") else ""
+        if metrics:
+            typer.echo(f"{variant + gated:>18}: " + ", ".join(f"{k.split('/')[-1]}={v:.4f}" for k, v in metrics.items()))
     typer.echo(f"promotable: {summary['promotable']}")
 
 

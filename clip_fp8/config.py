@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 EMBEDDED_MODEL = "embedded:tiny-clip-shapes"
 EMBEDDED_DATA = "embedded:shapes"
@@ -176,6 +176,27 @@ class EvaluationConfig(Section):
     on_gate_failure: Literal["fail", "mark"] = Field(
         "fail", description="'fail' stops the flow; 'mark' completes it but marks the result not promotable."
     )
+    # Which runtimes run and which one the gate judges decide the evaluate_deployed stage's work only: they
+    # are "flow" fields (not part of evaluate's key), passed to that stage as parameters of its own.
+    runtimes: list[Literal["fakequant", "onnxruntime", "torch-fp8", "tensorrt"]] = Field(
+        default=["fakequant", "onnxruntime", "torch-fp8", "tensorrt"], min_length=1, json_schema_extra={"flow": True},
+        description="FP8 runtimes evaluated beside the baseline on every metric, each where it can run (the others "
+        "are reported skipped, with the reason): fakequant (ModelOpt's simulated FP8), onnxruntime (the repaired "
+        "graphs), torch-fp8 (FP8 GEMMs in PyTorch, on GPUs of compute capability >= 8.9), "
+        "tensorrt (the engines).",
+    )
+    gate_runtime: Literal["auto", "fakequant", "onnxruntime", "torch-fp8", "tensorrt"] = Field(
+        "auto", json_schema_extra={"flow": True},
+        description="The runtime the quality gate judges: 'auto' = the first of tensorrt, torch-fp8, onnxruntime, "
+        "fakequant that is listed in runtimes and can run here (what will be deployed).",
+    )
+
+    @model_validator(mode="after")
+    def _gate_runtime_is_evaluated(self):
+        if self.gate_runtime != "auto" and self.gate_runtime not in self.runtimes:
+            raise ValueError(f"evaluation.gate_runtime '{self.gate_runtime}' is not in evaluation.runtimes "
+                             f"{self.runtimes}; add it there or use gate_runtime=auto")
+        return self
 
     @field_validator("datasets")
     @classmethod
@@ -218,13 +239,18 @@ class BuildConfig(Section):
 
 
 class BenchmarkConfig(Section):
-    enabled: bool = Field(True, description="Benchmark the engines (skipped where no engine was built).")
+    enabled: bool = Field(True, description="Benchmark the engines, the PyTorch baselines and torch-fp8 (where a CUDA GPU is).")
     batch_sizes: list[int] = Field(default=[1, 8, 32, 128], description="Batch sizes to time.")
     warmup_ms: int = Field(1000, ge=0, description="Warm-up before each timed case (ms).")
     duration_s: int = Field(10, ge=1, description="Timed duration of each case (s).")
     pytorch_baselines: list[Literal["eager", "compile"]] = Field(
-        default=["eager"], description="PyTorch FP16 baselines timed the same way beside the engines (GPU only): "
-        "eager (SDPA attention, what users run today) and optionally torch.compile.",
+        default=["eager", "compile"], description="PyTorch FP16 baselines timed the same way on any CUDA GPU: "
+        "eager (SDPA attention, what users run today) and compile (torch.compile, CUDA graphs: what torch-fp8 is "
+        "compiled like, so their ratio is the FP8 speedup).",
+    )
+    torch_fp8: bool = Field(
+        True, description="Time the torch-fp8 encoders (compiled, CUDA graphs) beside the baselines, on GPUs of "
+        "compute capability >= 8.9.",
     )
 
 

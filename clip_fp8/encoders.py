@@ -1,4 +1,4 @@
-"""The two CLIP encoders as single-input modules: one place for ONNX export, evaluation and training.
+"""The two CLIP encoders as single-input modules: one place for ONNX export, serving and training.
 
 transformers 4.x returns a tensor from ``get_*_features``; 5.x returns a ``BaseModelOutputWithPooling``
 whose ``pooler_output`` is the projected embedding. Everything here accepts both.
@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from clip_fp8.clip import CLIP_FORWARD_LOCK
-
 
 
 def _features(out) -> torch.Tensor:
@@ -54,22 +53,22 @@ class ImageEncoder(nn.Module):
         return image_embeds(self.model, pixel_values)
 
 
-class BenchmarkModel(nn.Module):
-    """The ``encode_image``/``encode_text`` surface CLIP_benchmark's evaluators call.
+class TorchEncoders:
+    """A ``CLIPModel`` in this process as a runtime (``pytorch``, ``fakequant``): the ``encode_image`` /
+    ``encode_text`` surface CLIP_benchmark's evaluators call, float32 embeddings on ``device``.
 
-    CLIP_benchmark hands ``encode_text`` whatever its tokenizer returned, here a ``[batch, context]``
-    id tensor; inputs are cast to the model's dtype so an FP16 model takes FP32 pixels.
+    CLIP_benchmark hands ``encode_text`` whatever its tokenizer returned, here a ``[batch, context]`` id
+    tensor; pixels are cast to the model's dtype so an FP16 model takes FP32 pixels.
     """
 
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
+    def __init__(self, model, device: str):
+        self.model, self.device = model, device
         self.dtype = next(model.parameters()).dtype
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         with CLIP_FORWARD_LOCK:
-            return image_embeds(self.model, images.to(self.dtype)).float()
+            return image_embeds(self.model, images.to(self.device, self.dtype)).float()
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         with CLIP_FORWARD_LOCK:
-            return text_embeds(self.model, input_ids).float()
+            return text_embeds(self.model, input_ids.to(self.device)).float()

@@ -1,9 +1,14 @@
 """The clip-fp8 DAG, run by Prefect as a DAG: independent branches at the same time.
 
-    calibration_data ──► quantize ──► audit ──┬──► evaluate
-                                              └──► export[fp8] ──► surgery[fp8] ──► build[fp8] ──┐
-    baseline_model                                                                               ├──► benchmark
-    export[fp16] ──► surgery[fp16] ──► build[fp16] ──────────────────────────────────────────────┘
+    calibration_data ──► quantize ──► audit ──┬──► evaluate ───────────────────────────────┐
+                                              ├──► export[fp8] ──► surgery[fp8] ──► build[fp8] ──┴──► evaluate_deployed
+                                              └──► torch_fp8 ────────────────────────────────────┘        │
+    baseline_model                                                                                        ▼
+    export[fp16] ──► surgery[fp16] ──► build[fp16] ─────────────────────────────────────────────────► benchmark
+
+``evaluate`` measures the baseline and the fake-quant model; ``evaluate_deployed`` measures what ships (ONNX
+Runtime on the repaired graphs, torch-fp8, TensorRT engines: each where it can run) and applies the quality
+gate to the runtime that will be deployed (``evaluation.gate_runtime``, resolved before any stage starts).
 
 With ``quantization.recovery`` on, export[fp8] waits for the gate: when it fails, ``sensitivity`` ranks
 the units and (``auto``) quantize → audit → evaluate run again with the most sensitive units in FP16,
@@ -47,15 +52,18 @@ from clip_fp8.tasks.benchmark import benchmark
 from clip_fp8.tasks.build import build
 from clip_fp8.tasks.calibration_data import calibration_data
 from clip_fp8.tasks.calibration_sources import resolve_data_source
-from clip_fp8.tasks.checkpoints import resolve_model_source
+from clip_fp8.tasks.checkpoints import pick_device, resolve_model_source
 from clip_fp8.tasks.eval_datasets import resolve_eval_source
 from clip_fp8.tasks.evaluate import evaluate
+from clip_fp8.tasks.evaluate_deployed import evaluate_deployed
 from clip_fp8.tasks.export import export
 from clip_fp8.tasks.quantize import quantize
 from clip_fp8.tasks.recovery import exclusion_reasons, plan, recovery
+from clip_fp8.tasks.runtimes import resolve_gate_runtime
 from clip_fp8.tasks.sensitivity import sensitivity
 from clip_fp8.tasks.surgery import surgery
 from clip_fp8.tasks.tensorrt import gpu_limit_name, resolve_target
+from clip_fp8.tasks.torch_fp8 import torch_fp8
 
 # Every run's outcome as a one-row table artifact: what a parent run (flows/models_night.py) reads back.
 OUTCOME_ARTIFACT = "clip-fp8-outcome"
@@ -67,6 +75,8 @@ audit_task = stage_task(audit)
 sensitivity_task = stage_task(sensitivity, retries=1)
 recovery_task = stage_task(recovery)
 evaluate_task = stage_task(evaluate, retries=1)
+torch_fp8_task = stage_task(torch_fp8, retries=1)
+evaluate_deployed_task = stage_task(evaluate_deployed, retries=1)
 export_task = stage_task(export, retries=1)
 surgery_task = stage_task(surgery)
 build_task = stage_task(build, retries=2)
@@ -86,6 +96,8 @@ def clip_fp8_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
         eval_source = resolve_eval_source(config.evaluation)
         target = resolve_target(config.build)
         m, x = config.model, config.export
+        gate_runtime = resolve_gate_runtime(config.evaluation, pick_device(m), target)
+        run.summary["gate_runtime"] = gate_runtime
         with stage_results(store):
             s: dict[str, PrefectFuture] = {}
             s["calibration_data"] = calibration_data_task.submit(data_source, config.calibration, store=store)
@@ -97,18 +109,24 @@ def clip_fp8_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
             s["quantize"] = quantize_task.submit(model_source, s["calibration_data"], data_source, m, config.calibration,
                                                  config.quantization, store=store)
             s["audit"] = audit_task.submit(s["quantize"], config.quantization, store=store)
-            s["evaluate"] = evaluate_task.submit(model_source, s["quantize"], eval_source, m, gate_config(config),
-                                                 store=store, wait_for=[s["audit"]])
+            s["evaluate"] = evaluate_task.submit(model_source, s["quantize"], eval_source, m,
+                                                 gate_config(config, gate_runtime), store=store, wait_for=[s["audit"]])
             if config.quantization.recovery != "off":
-                recover(s, config, model_source, data_source, eval_source, store)
+                recover(s, config, model_source, data_source, eval_source, store, gate_runtime)
             s["export_fp8"] = export_task.submit("fp8", model_source, last(s, "quantize"), m, x, store=store,
                                                  wait_for=[last(s, "audit")])
             s["surgery_fp8"] = surgery_task.submit("fp8", s["export_fp8"], model_source, last(s, "quantize"),
                                                    s["calibration_data"], data_source, m, x, config.build, store=store)
             s["build_fp8"] = build_task.submit(s["surgery_fp8"], config.build, target, store=store)
+            s["torch_fp8"] = torch_fp8_task.submit(last(s, "quantize"), m, store=store, wait_for=[last(s, "audit")])
+            e = config.evaluation
+            s["evaluate_deployed"] = evaluate_deployed_task.submit(
+                last(s, "evaluate"), model_source, s["surgery_fp8"], s["build_fp8"], s["torch_fp8"], eval_source, m, e,
+                list(e.runtimes), gate_runtime, store=store)
             # Timed alone: nothing else of this run may share the GPU while it measures.
-            s["benchmark"] = benchmark_task.submit([s["build_fp16"], s["build_fp8"]], model_source, m, config.benchmark,
-                                                   target, store=store, wait_for=[allow_failure(f) for f in s.values()])
+            s["benchmark"] = benchmark_task.submit([s["build_fp16"], s["build_fp8"]], model_source, s["torch_fp8"], m,
+                                                   config.benchmark, target, store=store,
+                                                   wait_for=[allow_failure(f) for f in s.values()])
             run.settle(s)
     except BaseException as exc:
         run.fail(exc)
@@ -119,9 +137,10 @@ def clip_fp8_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
     return run.public_summary()
 
 
-def gate_config(config: PipelineConfig):
-    """With recovery on, the gate's verdict goes to the flow (``mark``); the recovery stage fails the run."""
-    if config.quantization.recovery == "off":
+def gate_config(config: PipelineConfig, gate_runtime: str):
+    """The fake-quant evaluation fails the run only when the gate judges fake-quant and recovery is off; else its
+    verdict goes to the flow (``mark``): recovery acts on it, and ``evaluate_deployed`` gates what ships."""
+    if config.quantization.recovery == "off" and gate_runtime == "fakequant":
         return config.evaluation
     return config.evaluation.model_copy(update={"on_gate_failure": "mark"})
 
@@ -142,7 +161,7 @@ def _settled(future: PrefectFuture) -> ArtifactRef | None:
 
 
 def recover(s: dict[str, PrefectFuture], config: PipelineConfig, model_source: ArtifactRef, data_source: ArtifactRef,
-            eval_source: ArtifactRef, store: ArtifactStore) -> None:
+            eval_source: ArtifactRef, store: ArtifactStore, gate_runtime: str) -> None:
     """``quantization.recovery`` after a failed gate: rank the units (``sensitivity``); with ``auto``, quantize →
     audit → evaluate again with one more of the most sensitive units in FP16 per attempt, until the gate passes
     or the FP16 budget is spent; then ``recovery`` decides. A stage that fails stops the attempts."""
@@ -163,8 +182,9 @@ def recover(s: dict[str, PrefectFuture], config: PipelineConfig, model_source: A
                                                       config.calibration, q, recovered=exclusion_reasons(recovered),
                                                       store=store)
             s[f"audit~{k}"] = audit_task.submit(s[f"quantize~{k}"], q, store=store)
-            s[f"evaluate~{k}"] = evaluate_task.submit(model_source, s[f"quantize~{k}"], eval_source, m, gate_config(config),
-                                                      store=store, wait_for=[s[f"audit~{k}"]])
+            s[f"evaluate~{k}"] = evaluate_task.submit(model_source, s[f"quantize~{k}"], eval_source, m,
+                                                      gate_config(config, gate_runtime), store=store,
+                                                      wait_for=[s[f"audit~{k}"]])
             evaluations.append(s[f"evaluate~{k}"])
             if (attempt := _settled(s[f"evaluate~{k}"])) is None or attempt.meta["promotable"]:
                 break
@@ -240,6 +260,20 @@ class RunRecord:
             s["metrics_markdown"] = reports_of(ref).get("quality-gate", "")
             s["artifacts"]["metrics"] = ref.location("metrics")
             s["promotable"] = bool(metrics["promotable"])
+        if "evaluate_deployed" in refs:  # what ships, and the gate on the deployed runtime
+            ref = refs["evaluate_deployed"]
+            deployed = json.loads(ref.file("metrics").read_text())
+            s["metrics"]["fp8"] = deployed["runtimes"][deployed["gate_runtime"]]  # what the gate judged
+            s["runtime_metrics"] = deployed["runtimes"]
+            s["runtimes_skipped"] = deployed["skipped"]
+            s["gate_runtime"] = deployed["gate_runtime"]
+            s["quality_gate"] = deployed["gate"]
+            s["deployed_markdown"] = reports_of(ref).get("deployed-quality", "")
+            s["artifacts"]["deployed_metrics"] = ref.location("metrics")
+            s["promotable"] = s["promotable"] and bool(deployed["promotable"])
+        if "torch_fp8" in refs:
+            s["torch_fp8"] = {k: v for k, v in refs["torch_fp8"].meta.items() if k != "note"}
+            s["artifacts"]["torch_fp8"] = refs["torch_fp8"].uri or refs["torch_fp8"].path
         if "sensitivity" in refs:
             s["sensitivity_markdown"] = reports_of(refs["sensitivity"]).get("sensitivity", "")
             s["artifacts"]["sensitivity"] = refs["sensitivity"].location("sensitivity")

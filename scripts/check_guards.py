@@ -77,6 +77,13 @@ MUTANTS = [
     ("recovery mode keys the quantization", "clip_fp8/caching.py", '{"locator", "execution", "flow"}',
      '{"locator", "execution"}',
      "tests/test_recovery.py::test_recovery_settings_do_not_key_quantization_but_key_sensitivity"),
+    ("the deployed gate judges the fake-quant model", "tasks/evaluate_deployed.py",
+     "    gate = quality_gate(baseline, metrics[gate_runtime], cfg)", '    gate = quality_gate(baseline, metrics["fakequant"], cfg)',
+     "tests/test_pipeline_e2e.py::test_damaged_fp8_graph_passes_the_fakequant_gate_and_fails_the_deployed_one"),
+    ("torch-fp8 weights saved without their scales", "tasks/torch_fp8.py",
+     '            scale = compressed.weight_quantizer._scale if leaf == "weight_scale" else input_scales[owner]',
+     '            scale = torch.ones(()) if leaf == "weight_scale" else input_scales[owner]',
+     "tests/test_pipeline_e2e.py::test_torch_fp8_artifact_holds_fp8_weights_and_matches_fakequant"),
 ]
 
 

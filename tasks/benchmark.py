@@ -1,4 +1,4 @@
-"""Stage benchmark: time every engine built for this target at every batch size, beside PyTorch FP16.
+"""Stage benchmark: time what ships at every batch size: TensorRT engines, torch-fp8, beside PyTorch FP16.
 
 One timer for everything (``clip_fp8.timing``): engines replayed from CUDA graphs where they capture,
 CUDA events per call, inputs on the device and the same for every variant of an encoder at a batch
@@ -27,14 +27,45 @@ def tower_bytes(model, encoder: str) -> int:
     return sum(p.numel() * p.element_size() for part in parts for p in getattr(model, part).parameters())
 
 
+def model_dims(model_path: str) -> dict[str, list[int]]:
+    """Each encoder's input dims at batch 0 from the model config: what engines read off their ONNX."""
+    from transformers import CLIPConfig
+
+    config = CLIPConfig.from_pretrained(model_path)
+    size = config.vision_config.image_size
+    return {"text": [0, config.text_config.max_position_embeddings], "image": [0, 3, size, size]}
+
+
+def _time_encoder(label: str, encoder_name: str, run, dims: list[int], vocab: int, cfg, weights_bytes: int | None,
+                  cuda_graph: bool) -> list[dict]:
+    import torch
+
+    from clip_fp8.timing import time_cuda
+
+    rows = []
+    for batch in cfg.batch_sizes:
+        x = bench_inputs((batch, *dims[1:]), torch.int64 if encoder_name == "text" else torch.float16, batch, vocab)
+        with torch.inference_mode():
+            run(x)  # compiles and records this shape outside the measured window
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.inference_mode():
+            stats = time_cuda(lambda i: run(x), warmup_s=cfg.warmup_ms / 1000, duration_s=cfg.duration_s)
+        rows.append({"engine": f"{label}_{encoder_name}", "variant": label, "encoder": encoder_name, "batch": batch,
+                     **timing_row(stats, batch), "cuda_graph": cuda_graph,
+                     "activation_bytes": torch.cuda.max_memory_allocated() - base, "weights_bytes": weights_bytes})
+    return rows
+
+
 def benchmark_pytorch(model_path: str, model_cfg, dims: dict[str, list[int]], cfg) -> list[dict]:
-    """The baselines users run today, timed the same way: the FP16 model with SDPA attention, eager (and
-    ``torch.compile`` when asked), on the same inputs as the engines (``dims``: encoder -> input dims). GPU only."""
+    """The FP16 baselines users run today, timed the same way on the same inputs as the engines (``dims``:
+    encoder -> input dims): eager with SDPA attention, and (``compile``) ``torch.compile`` with CUDA graphs,
+    as torch-fp8 runs. GPU only."""
     import torch
 
     from clip_fp8.encoders import ImageEncoder, TextEncoder
     from clip_fp8.tasks.checkpoints import load_clip
-    from clip_fp8.timing import time_cuda
 
     model = load_clip(model_path, model_cfg.model_copy(update={"device": "cuda", "dtype": "float16"}))
     rows = []
@@ -43,21 +74,30 @@ def benchmark_pytorch(model_path: str, model_cfg, dims: dict[str, list[int]], cf
             continue
         module = wrap(model).eval()
         for variant in cfg.pytorch_baselines:
-            runner = module if variant == "eager" else torch.compile(module, dynamic=False)
-            for batch in cfg.batch_sizes:
-                shape = (batch, *dims[encoder_name][1:])
-                x = bench_inputs(shape, torch.int64 if encoder_name == "text" else torch.float16, batch,
-                                 model.config.text_config.vocab_size)
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                with torch.inference_mode():
-                    stats = time_cuda(lambda i: runner(x), warmup_s=cfg.warmup_ms / 1000, duration_s=cfg.duration_s)
-                rows.append({"engine": f"pytorch-{variant}_{encoder_name}", "variant": f"pytorch-{variant}",
-                             "encoder": encoder_name, "batch": batch,
-                             **timing_row(stats, batch), "cuda_graph": False,
-                             "activation_bytes": torch.cuda.max_memory_allocated() - base,
-                             "weights_bytes": tower_bytes(model, encoder_name)})
+            runner = module if variant == "eager" else torch.compile(module, mode="reduce-overhead", dynamic=False)
+            run = (lambda x, r=runner: r(x)) if variant == "eager" else (lambda x, r=runner: r(x).clone())
+            rows += _time_encoder(f"pytorch-{variant}", encoder_name, run, dims[encoder_name],
+                                  model.config.text_config.vocab_size, cfg, tower_bytes(model, encoder_name),
+                                  cuda_graph=variant != "eager")
     del model
+    torch.cuda.empty_cache()
+    return rows
+
+
+def benchmark_torch_fp8(artifact: ArtifactRef, dims: dict[str, list[int]], cfg) -> list[dict]:
+    """torch-fp8 as it serves (``clip_fp8.fp8_runtime.load``: compiled, one CUDA graph per batch size)."""
+    import torch
+
+    from clip_fp8.fp8_runtime import load
+
+    clip = load(artifact.local_dir(), device="cuda", batch_sizes=cfg.batch_sizes)
+    rows = []
+    for encoder_name, run in (("text", clip.encode_text), ("image", clip.encode_image)):
+        if encoder_name in dims:
+            rows += _time_encoder("torch-fp8", encoder_name, run, dims[encoder_name],
+                                  clip.model.config.text_config.vocab_size, cfg, tower_bytes(clip.model, encoder_name),
+                                  cuda_graph=True)
+    del clip
     torch.cuda.empty_cache()
     return rows
 
@@ -89,22 +129,38 @@ def time_engines(built: ArtifactRef, target: Target, cfg: BenchmarkConfig, out_d
     return rows, skipped
 
 
-def benchmark(engines: list[ArtifactRef], model_source: ArtifactRef, model_cfg: ModelConfig, cfg: BenchmarkConfig,
-              target: Target, out_dir: Path) -> StageOutput:
+def benchmark(engines: list[ArtifactRef], model_source: ArtifactRef, torch_fp8: ArtifactRef | None,
+              model_cfg: ModelConfig, cfg: BenchmarkConfig, target: Target, out_dir: Path) -> StageOutput:
+    """Engines where TensorRT built them; on any CUDA GPU also the PyTorch FP16 baselines and torch-fp8."""
     if not cfg.enabled:
         return StageOutput.skipped("benchmark.enabled=false")
+    import torch
+
+    from clip_fp8.fp8_runtime import fp8_support
+
     built = [ref for ref in engines if "skip_reason" not in ref.meta]
-    if not built:
-        reasons = sorted({ref.meta["skip_reason"] for ref in engines})
-        return StageOutput.skipped(f"no engines to time ({'; '.join(reasons)})")
     rows, skipped = [], {}
+    if reasons := sorted({ref.meta["skip_reason"] for ref in engines if "skip_reason" in ref.meta}):
+        skipped["engines"] = "; ".join(reasons)
     for ref in built:
         more_rows, more_skipped = time_engines(ref, target, cfg, out_dir)
         rows += more_rows
         skipped |= more_skipped
-    if rows and cfg.pytorch_baselines:  # engines were timed, so this host has the GPU
-        dims = {name.split("_", 1)[1]: e["dims"] for ref in built for name, e in ref.meta["engines"].items()}
-        rows += benchmark_pytorch(model_source.path, model_cfg, dims, cfg)
+    if torch.cuda.is_available():
+        # Every compiled variant wraps the same encoder classes, and Dynamo counts recompilations per code object:
+        # FP16 and FP8 at four batch sizes each pass its default limit of 8 (it then runs the rest eagerly).
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        dims = model_dims(model_source.path)
+        if cfg.pytorch_baselines:
+            rows += benchmark_pytorch(model_source.path, model_cfg, dims, cfg)
+        why_not = ("benchmark.torch_fp8=false" if not cfg.torch_fp8 else "no torch_fp8 artifact" if torch_fp8 is None
+                   else fp8_support("cuda"))
+        if why_not:
+            skipped["torch-fp8"] = why_not
+        else:
+            rows += benchmark_torch_fp8(torch_fp8, dims, cfg)
+    else:
+        skipped["pytorch"] = "no CUDA GPU: the PyTorch and torch-fp8 runtimes are timed on GPUs only"
     result = {"target": target.model_dump(), "rows": rows, "skipped": skipped}
     (out_dir / "benchmark.json").write_text(json.dumps(result, indent=1))
     if not rows:

@@ -27,10 +27,11 @@ from clip_fp8.tasks.eval_datasets import (
 
 
 def evaluate_model(model, processor, cfg: EvaluationConfig, device: str) -> dict[str, float]:
-    """Run every configured dataset's CLIP_benchmark task on one model; metrics keyed ``dataset/task/metric``."""
-    from clip_fp8.encoders import BenchmarkModel
+    """Run every configured dataset's CLIP_benchmark task on one model (a ``CLIPModel``, or any runtime's
+    encoders from ``clip_fp8.tasks.runtimes``); metrics keyed ``dataset/task/metric``."""
+    from clip_fp8.encoders import TorchEncoders
 
-    wrapped = BenchmarkModel(model)
+    wrapped = model if hasattr(model, "encode_image") else TorchEncoders(model, device)
     transform, tokenizer = make_transform(processor), make_tokenizer(processor)
     metrics: dict[str, float] = {}
     for index, ds in enumerate(cfg.datasets):

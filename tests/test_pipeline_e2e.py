@@ -23,7 +23,7 @@ def first_run(tmp_path_factory):
 
 
 CPU_STAGES = ("calibration_data", "baseline_model", "quantize", "audit", "evaluate", "export_fp16", "export_fp8",
-              "surgery_fp16", "surgery_fp8")
+              "surgery_fp16", "surgery_fp8", "torch_fp8", "evaluate_deployed")
 ENGINE_STAGES = ("build_fp16", "build_fp8", "benchmark")
 
 
@@ -31,14 +31,16 @@ def test_default_flow_completes_every_stage(first_run):
     config, summary = first_run
     assert summary["status"] == "completed"
     assert list(summary["stages"]) == [*CPU_STAGES[:2], "export_fp16", "surgery_fp16", "build_fp16", "quantize", "audit",
-                                       "evaluate", "export_fp8", "surgery_fp8", "build_fp8", "benchmark"]
+                                       "evaluate", "export_fp8", "surgery_fp8", "build_fp8", "torch_fp8",
+                                       "evaluate_deployed", "benchmark"]
     for name in CPU_STAGES:
         assert summary["stages"][name]["status"] == "completed", name
         assert summary["stages"][name]["seconds"] > 0
-    # No TensorRT on this machine: the engine stages say so, nothing is invented.
+    # No TensorRT and no GPU on this machine: the engine stages say so, nothing is invented.
     for name in ENGINE_STAGES:
         assert summary["stages"][name]["status"] == "skipped"
         assert "TensorRT" in summary["stages"][name]["note"]
+    assert "no CUDA GPU" in summary["stages"]["benchmark"]["note"]
 
     # The embedded model is good enough for the gate to mean something, and FP8 keeps it there.
     baseline, fp8 = summary["metrics"]["baseline"], summary["metrics"]["fp8"]
@@ -128,8 +130,8 @@ def test_changing_an_evaluation_setting_reruns_only_evaluation(first_run):
     changed = config.with_overrides(["evaluation.num_samples=500"])
     summary = clip_fp8_pipeline(changed)
     status = {name: stage["status"] for name, stage in summary["stages"].items()}
-    assert status["evaluate"] == "completed"
-    for name in set(CPU_STAGES) - {"evaluate"}:
+    assert status["evaluate"] == status["evaluate_deployed"] == "completed"
+    for name in set(CPU_STAGES) - {"evaluate", "evaluate_deployed"}:
         assert status[name] == "cached", name
 
 
@@ -197,7 +199,8 @@ def test_new_calibration_data_reexports_only_the_fp8_graphs(first_run):
     status = {name: stage["status"] for name, stage in summary["stages"].items()}
     for name in ("baseline_model", "export_fp16", "surgery_fp16"):
         assert status[name] == "cached", name
-    for name in ("calibration_data", "quantize", "audit", "evaluate", "export_fp8", "surgery_fp8"):
+    for name in ("calibration_data", "quantize", "audit", "evaluate", "export_fp8", "surgery_fp8", "torch_fp8",
+                 "evaluate_deployed"):
         assert status[name] == "completed", name
 
 
@@ -222,13 +225,16 @@ def test_quality_gate_fails_marks_and_honours_a_pattern_limit(first_run):
     from clip_fp8.errors import QualityGateError
 
     config, first = first_run
+    # On this CPU host the gate judges the repaired ONNX graphs through ONNX Runtime (what ships here).
+    assert first["gate_runtime"] == "onnxruntime"
     baseline, fp8 = first["metrics"]["baseline"], first["metrics"]["fp8"]
+    assert fp8 == first["runtime_metrics"]["onnxruntime"]
     worse = {m for m in baseline if fp8[m] < baseline[m]}
     assert any("classification" in m for m in worse) and any("retrieval" in m for m in worse)
     with pytest.raises(QualityGateError) as info:
         clip_fp8_pipeline(config.with_overrides(['evaluation.max_drop={"*": 0.0}']))
     worst = max(worse, key=lambda m: baseline[m] - fp8[m])
-    assert str(info.value).startswith(f"quality gate failed: {worst}:"), str(info.value)
+    assert str(info.value).startswith(f"quality gate failed on runtime onnxruntime: {worst}:"), str(info.value)
     marked = clip_fp8_pipeline(config.with_overrides(['evaluation.max_drop={"*": 0.0}', "evaluation.on_gate_failure=mark"]))
     assert marked["status"] == "completed" and marked["promotable"] is False
     assert {r["metric"] for r in marked["quality_gate"]["rows"] if not r["passed"]} == worse
@@ -280,3 +286,102 @@ def test_cli_gate_and_onnx_check_exit_2_naming_what_failed(first_run):
     assert check.returncode == 2, check.stderr[-2000:]
     (line,) = [x for x in check.stderr.splitlines() if x.startswith("error:")]
     assert re.search(r"fp(8|16)_(text|image): ONNX Runtime vs PyTorch cosine 0\.\d{4} < export\.min_cosine 0\.99999", line), line
+
+
+# What ships, evaluated (issue 11): every runtime that can run here, beside the fake-quant model.
+
+RUNTIME_TOLERANCE = 0.02  # |onnxruntime - fakequant| per metric on the embedded model (README, Runtimes)
+
+
+def run_artifact(summary: dict, stage: str):
+    """A stage's ArtifactRef, read back from the run folder's link to it."""
+    from clip_fp8.artifacts import REF_FILE, ArtifactRef
+
+    folder = Path(summary["artifacts"]["report"]).parent / "artifacts" / stage
+    return ArtifactRef.model_validate_json((folder / REF_FILE).read_text()).model_copy(update={"path": str(folder.resolve())})
+
+
+def test_every_runtime_is_evaluated_or_says_why_and_onnxruntime_agrees_with_fakequant(first_run):
+    config, summary = first_run
+    metrics, skipped = summary["runtime_metrics"], summary["runtimes_skipped"]
+    assert set(metrics) == {"fakequant", "onnxruntime"}
+    assert set(skipped) == {"torch-fp8", "tensorrt"}
+    assert "compute capability >= 8.9" in skipped["torch-fp8"]
+    assert "TensorRT" in skipped["tensorrt"]
+    assert set(metrics["onnxruntime"]) == set(metrics["fakequant"]) == set(summary["metrics"]["baseline"])
+    for metric, value in metrics["onnxruntime"].items():
+        assert abs(value - metrics["fakequant"][metric]) <= RUNTIME_TOLERANCE, metric
+    # The choice is on disk, and the report shows every runtime side by side with the delta.
+    on_disk = json.loads(Path(summary["artifacts"]["summary"]).read_text())
+    assert on_disk["gate_runtime"] == "onnxruntime"
+    report = Path(summary["artifacts"]["report"]).read_text()
+    assert "the gate judges `onnxruntime`" in report and "| onnxruntime - fakequant |" in report
+    assert "`torch-fp8`: FP8 GEMMs need a CUDA GPU" in report
+
+
+def test_damaged_fp8_graph_passes_the_fakequant_gate_and_fails_the_deployed_one(first_run, tmp_path):
+    """One DequantizeLinear scale of the shipped image graph times 10: the fake-quant model never sees it,
+    so a gate on fakequant passes; the gate on what ships (the repaired graph through ONNX Runtime) fails,
+    naming the runtime and the metric."""
+    import shutil
+
+    import numpy as np
+    from onnx import numpy_helper
+
+    from clip_fp8.errors import QualityGateError
+    from clip_fp8.tasks.checkpoints import resolve_model_source
+    from clip_fp8.tasks.eval_datasets import resolve_eval_source
+    from clip_fp8.tasks.evaluate_deployed import evaluate_deployed
+
+    config, summary = first_run
+    shipped = run_artifact(summary, "surgery_fp8")
+    damaged = shipped.model_copy(update={"path": str(shutil.copytree(shipped.path, tmp_path / "damaged"))})
+    graph = damaged.file("fp8_image")
+    model = onnx.load(str(graph))
+    inits = {i.name: i for i in model.graph.initializer}
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+              and "mlp" in n.input[0])
+    scale = inits[dq.input[1]]
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.float16(10), name=scale.name))
+    onnx.save(model, str(graph))
+
+    def gate_on(gate_runtime: str, out: Path):
+        out.mkdir()
+        return evaluate_deployed(run_artifact(summary, "evaluate"), resolve_model_source(config.model), damaged, None,
+                                 None, resolve_eval_source(config.evaluation), config.model, config.evaluation,
+                                 ["fakequant", "onnxruntime"], gate_runtime, out)
+
+    passed = gate_on("fakequant", tmp_path / "fakequant")
+    assert passed.meta["promotable"] is True and passed.meta["gate_runtime"] == "fakequant"
+    assert "**FAIL**" not in passed.reports["deployed-quality"]  # the verdict column is fakequant's
+    with pytest.raises(QualityGateError) as info:
+        gate_on("onnxruntime", tmp_path / "onnxruntime")
+    message = str(info.value)
+    assert message.startswith("quality gate failed on runtime onnxruntime: embedded:shapes/"), message
+    assert "max_drop 0.02" in message
+    assert "**FAIL**" in info.value.reports["deployed-quality"]
+
+
+def test_torch_fp8_artifact_holds_fp8_weights_and_matches_fakequant(first_run):
+    """The artifact a serving host loads (``clip_fp8.fp8_runtime.load``), checked on this CPU: FP8 weights in
+    memory, smaller than FP16, and the same embeddings as the fake-quant model on calibration images."""
+    import torch
+
+    from clip_fp8.fp8_runtime import FP8, load
+    from clip_fp8.tasks.checkpoints import EMBEDDED_MODELS, load_quantized
+    from clip_fp8.tasks.surgery import check_inputs, torch_embeddings
+
+    config, summary = first_run
+    artifact = run_artifact(summary, "torch_fp8")
+    assert summary["stages"]["torch_fp8"]["status"] == "completed"
+    clip = load(artifact.path, device="cpu", dtype=torch.float32)
+    assert clip.fp8_weights() == artifact.meta["fp8_tensors"] > 0
+    assert any(p.dtype == FP8 for p in clip.model.parameters())
+    assert artifact.meta["weights_bytes"] < 0.75 * artifact.meta["fp16_weights_bytes"]
+    manifest = json.loads(run_artifact(summary, "calibration_data").file("manifest").read_text())
+    inputs = check_inputs(str(EMBEDDED_MODELS["tiny-clip-shapes"]), manifest, "", 32)
+    fake = load_quantized(summary["artifacts"]["checkpoint"], config.model)
+    for encoder, encode in (("image", clip.encode_image), ("text", clip.encode_text)):
+        reference = torch.from_numpy(torch_embeddings(fake, encoder, inputs[encoder]))
+        got = encode(torch.from_numpy(inputs[encoder])).float()
+        assert torch.nn.functional.cosine_similarity(got, reference).min() >= 0.99, encoder

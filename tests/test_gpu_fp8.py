@@ -1,0 +1,98 @@
+"""torch-fp8 on a GPU of compute capability >= 8.9: loads, runs compiled, matches the fake-quant model, holds FP8.
+
+Run through the device tool: ``python -m pytest -m gpu tests/test_gpu_fp8.py`` (with ModelOpt installed there).
+The stage functions run as the flow runs them (calibration_data -> quantize -> torch_fp8), without Prefect.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                                 reason="needs a CUDA GPU of compute capability >= 8.9 (run it through the device tool)")]
+
+CHECK_SAMPLES = 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def modelopt_eager_fp8():
+    """ModelOpt's FP8 fake quantization through its eager fallback: the same E4M3 rounding, without building its
+    CUDA extension first (about a minute of a fresh GPU host's time)."""
+    from modelopt.torch.quantization import extensions
+
+    saved = getattr(extensions.get_cuda_ext_fp8, "extension", "unset")
+    extensions.get_cuda_ext_fp8.extension = None
+    yield
+    if saved == "unset":
+        del extensions.get_cuda_ext_fp8.extension
+    else:
+        extensions.get_cuda_ext_fp8.extension = saved
+
+
+def vit_l_14(path):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from clip_fp8.clip import CLIP_VOCAB_SIZE
+    from clip_fp8.tasks.checkpoints import EMBEDDED_MODELS, load_processor
+
+    tokenizer = load_processor(EMBEDDED_MODELS["tiny-clip-shapes"]).tokenizer
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    text = dict(vocab_size=CLIP_VOCAB_SIZE, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                num_attention_heads=12, max_position_embeddings=77, eos_token_id=eos, pad_token_id=eos,
+                bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"))
+    vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
+                  patch_size=14)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=768)).save_pretrained(path)
+    image = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    CLIPProcessor(image_processor=image, tokenizer=tokenizer).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("model", ["embedded", "vit-l-14"])
+def test_torch_fp8_loads_runs_compiled_matches_fakequant_and_holds_fp8_weights(model, tmp_path):
+    from clip_fp8.artifacts import ArtifactStore
+    from clip_fp8.config import ModelConfig, PipelineConfig
+    from clip_fp8.fp8_runtime import FP8, FP8Linear, load
+    from clip_fp8.stage import execute
+    from clip_fp8.tasks.calibration_data import calibration_data
+    from clip_fp8.tasks.calibration_sources import resolve_data_source
+    from clip_fp8.tasks.checkpoints import load_quantized, resolve_model_source
+    from clip_fp8.tasks.quantize import quantize
+    from clip_fp8.tasks.surgery import check_inputs, torch_embeddings
+    from clip_fp8.tasks.torch_fp8 import torch_fp8
+
+    source = "embedded:tiny-clip-shapes" if model == "embedded" else vit_l_14(tmp_path / "vit-l-14")
+    config = PipelineConfig().with_overrides([f"model.source={source}", "calibration.num_samples=256",
+                                              "calibration.batch_size=128"])
+    store = ArtifactStore(str(tmp_path / "store"))
+    model_source, data_source = resolve_model_source(config.model), resolve_data_source(config.calibration)
+    calib = execute(calibration_data, store, "c", {"data_source": data_source, "cfg": config.calibration})
+    quantized = execute(quantize, store, "q", {"model_source": model_source, "calibration": calib,
+                                               "data_source": data_source, "model_cfg": config.model,
+                                               "calib_cfg": config.calibration, "cfg": config.quantization})
+    artifact = execute(torch_fp8, store, "t", {"quantized": quantized, "model_cfg": config.model})
+
+    clip = load(artifact.local_dir(), device="cuda", batch_sizes=(CHECK_SAMPLES,))  # compiled, CUDA graphs
+    layout = json.loads(artifact.file("layout").read_text())
+    fp8_layers = [m for m in clip.model.modules() if isinstance(m, FP8Linear)]
+    assert len(fp8_layers) == len(layout["fp8_linears"]) > 0
+    assert all(m.weight.dtype == FP8 and m.weight.is_cuda for m in fp8_layers)  # FP8 in GPU memory, not upcast
+    fp16_bytes = artifact.meta["fp16_weights_bytes"]
+    assert clip.weights_bytes < 0.75 * fp16_bytes
+
+    inputs = check_inputs(model_source.path, json.loads(calib.file("manifest").read_text()), data_source.path,
+                          CHECK_SAMPLES)
+    fake = load_quantized(quantized.file("checkpoint"), ModelConfig(device="cuda", dtype="float16"))
+    for encoder, encode in (("image", clip.encode_image), ("text", clip.encode_text)):
+        reference = torch.from_numpy(torch_embeddings(fake, encoder, inputs[encoder]))
+        got = encode(torch.from_numpy(inputs[encoder])).float().cpu()
+        cos = torch.nn.functional.cosine_similarity(got, reference)
+        assert cos.min() >= 0.99, f"{model} {encoder}: torch-fp8 vs fake-quant min cosine {cos.min():.4f}"
+        assert got.shape == reference.shape and torch.isfinite(got).all()
+        again = encode(torch.from_numpy(inputs[encoder][:3]))  # a smaller batch: padded to the compiled size
+        assert torch.allclose(again.float().cpu(), got[:3], atol=1e-2, rtol=1e-2)
