@@ -17,13 +17,15 @@ OUTLIER_MATMUL = "/vision_model/encoder/layers.1/mlp/fc1/MatMul"  # the exported
 
 @pytest.fixture(scope="module")
 def outlier(tmp_path_factory):
-    """The outlier checkpoint and one output root for every mode, so each run reuses what the others computed."""
+    """The outlier checkpoint and one output root for every mode, so each run reuses what the others computed.
+    Recovery decides on the fake-quant evaluation, so here the gate judges that model too: these tests are about
+    recovery's choices (the gate on what ships, after recovery, is test_pipeline_e2e's)."""
     base = tmp_path_factory.mktemp("recovery")
     fc1 = write_outlier_checkpoint(base / "model")
     config = PipelineConfig().with_overrides([
         f"model.source={base / 'model'}", f"output.root={base / 'out'}", "calibration.num_samples=256",
         "calibration.batch_size=128", "evaluation.num_samples=200", "quantization.sensitivity_samples=128",
-        "build.enabled=false"])
+        "build.enabled=false", "evaluation.gate_runtime=fakequant"])
     return config, fc1
 
 
