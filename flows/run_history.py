@@ -44,7 +44,9 @@ def build_record(summary: dict[str, Any], config: PipelineConfig, calibration_di
                   "resolved_revision": model.get("resolved_revision"), "digest": model.get("digest")},
         "calibration_digest": calibration_digest, "config_digest": config_digest(config),
         "libraries": library_versions(RECORDED_LIBRARIES),
-        "metrics": summary.get("metrics", {}),
+        "metrics": summary.get("metrics", {}),  # baseline, and fp8 = what the gate judged
+        "gate_runtime": summary.get("gate_runtime"),
+        "runtime_metrics": summary.get("runtime_metrics", {}),  # every FP8 runtime evaluated: fakequant, onnxruntime, ...
         "quality_gate": {"passed": gate.get("passed"), "rows": gate.get("rows", [])} if gate else {},
         "onnx_bytes": {name: v.get("bytes") for name, v in (summary.get("onnx") or {}).items()},
         "engine_bytes": {name: e.get("engine_bytes") for name, e in ((summary.get("engines") or {}).get("engines") or {}).items()},
@@ -62,6 +64,8 @@ def regression_reasons(record: dict[str, Any], promoted: dict[str, Any], config:
     """Why ``record`` is worse than the promoted one: metrics beyond the gate's limits, latency beyond the budget."""
     reasons = []
     now, then = record["metrics"].get("fp8", {}), promoted.get("metrics", {}).get("fp8", {})
+    # Like with like: the promoted run's metrics of the runtime this run's gate judged, where it has them.
+    then = promoted.get("runtime_metrics", {}).get(record.get("gate_runtime") or "", then)
     for metric in sorted(now.keys() & then.keys()):
         drop, limit = then[metric] - now[metric], allowed_drop(metric, config.evaluation.max_drop)
         if drop > limit:

@@ -138,15 +138,31 @@ def export(variant: Variant, model_source: ArtifactRef, quantized: ArtifactRef |
                        meta={"variant": variant, "bytes": sizes, "processes": 0 if workers == 1 else len(ENCODERS)})
 
 
+# Export workers run at a lower CPU priority than the flow's process: measured on the H200 at ViT-L/14
+# (benchmarks/probe_export_contention.py, docs/benchmarks.md), quantize took 10.9 s alone and 66.9 s beside
+# two exporters with only torch's thread count bounded, and 91.4 s beside the same exports on the CPU: the
+# contention is for CPU, not GPU time. An export is background work with a whole stage's slack; the
+# stages beside it (quantize, evaluate) are on the critical path.
+EXPORT_NICENESS = 10
+
+
 def _share_cpus(threads: int) -> None:
-    """Worker start-up: a bounded share of the host's cores. Every torch process defaults to one OpenMP thread
-    per core; two exports and the stages beside them (calibration, evaluation) then oversubscribe the host
-    several times over and each runs slower than it would alone (quantize took 4.5x as long on the H200)."""
+    """Worker start-up: a bounded share of the host's cores at a lower priority. Every torch process defaults
+    to one OpenMP thread per core, and numpy's BLAS and the OpenMP runtimes ModelOpt's ONNX passes load do the
+    same; two exports and the stages beside them then oversubscribe the host several times over."""
     import torch
+    from threadpoolctl import threadpool_limits
 
     from clip_fp8.console import quiet_libraries
 
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # libraries loaded from here on
+        os.environ[var] = str(threads)
     torch.set_num_threads(threads)
+    threadpool_limits(threads)  # and those already loaded
+    try:
+        os.nice(EXPORT_NICENESS)
+    except OSError:  # not permitted here: the export still runs, at the same priority
+        pass
     quiet_libraries()  # a quiet CLI run stays quiet in its export workers
 
 

@@ -106,11 +106,14 @@ def _wait_for_run(server, flow_run_id, timeout: float = 600):
     raise TimeoutError(f"flow run {flow_run_id} did not finish")
 
 
+# Cut down, and only the fake-quant model evaluated: these tests are about deployments, workers and runs (every
+# stage still runs; the evaluation of what ships is test_pipeline_e2e's).
+SMALL_CLI = ["--set", "calibration.num_samples=256", "--set", "calibration.batch_size=128",
+             "--set", "evaluation.num_samples=200", "--set", "evaluation.runtimes=[fakequant]"]
+
+
 def _small_config(root: Path) -> dict:
-    return PipelineConfig().with_overrides([
-        f"output.root={root}", "calibration.num_samples=256", "calibration.batch_size=128",
-        "evaluation.num_samples=200",
-    ]).model_dump(mode="json")
+    return PipelineConfig().with_overrides([f"output.root={root}", *SMALL_CLI[1::2]]).model_dump(mode="json")
 
 
 def test_nightly_schedule_and_gpu_limit_are_registered(deployed):
@@ -243,8 +246,7 @@ def test_custom_run_from_the_prefect_ui_in_chromium(deployed, tmp_path, request)
 def test_killed_run_resumes_from_the_last_completed_stage(tmp_path):
     """A run killed mid-flow, then re-run with the same parameters, executes only what did not finish."""
     root = tmp_path / "out"
-    args = [str(BIN / "clip-fp8"), "run", "-o", str(root), "--set", "calibration.num_samples=256",
-            "--set", "calibration.batch_size=128", "--set", "evaluation.num_samples=200"]
+    args = [str(BIN / "clip-fp8"), "run", "-o", str(root), *SMALL_CLI]
     # A lock the killed run held expires after one lease; keep it short so the re-run does not wait 30 s.
     env = {**os.environ, "CLIP_FP8_LOCK_LEASE_S": "3"}
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
@@ -258,7 +260,7 @@ def test_killed_run_resumes_from_the_last_completed_stage(tmp_path):
     from clip_fp8.flows.pipeline import clip_fp8_pipeline
 
     summary = clip_fp8_pipeline(PipelineConfig().with_overrides([
-        f"output.root={root}", "calibration.num_samples=256", "calibration.batch_size=128", "evaluation.num_samples=200"]))
+        f"output.root={root}", *SMALL_CLI[1::2]]))
     status = {name: stage["status"] for name, stage in summary["stages"].items()}
     assert [status[s] for s in ("calibration_data", "baseline_model", "quantize", "audit")] == ["cached"] * 4
     assert status["surgery_fp8"] == "completed" and summary["status"] == "completed"
@@ -401,8 +403,7 @@ def test_prefect_yaml_deploys_with_prefect_deploy_all(server):
 def test_two_simultaneous_runs_compute_each_artifact_once(tmp_path):
     """Same parameters, same store, started together: every stage is computed by one run, cached in the other."""
     root = tmp_path / "shared"
-    args = [str(BIN / "clip-fp8"), "run", "-o", str(root), "--set", "calibration.num_samples=256",
-            "--set", "calibration.batch_size=128", "--set", "evaluation.num_samples=200"]
+    args = [str(BIN / "clip-fp8"), "run", "-o", str(root), *SMALL_CLI]
     procs = [subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     for proc in procs:
         _, err = proc.communicate(timeout=600)

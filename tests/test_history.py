@@ -93,6 +93,8 @@ def test_three_nights_are_recorded_unchanged_and_regressed_and_only_the_first_is
     for r in records:  # what a record keeps
         assert r["model"]["digest"] and r["calibration_digest"] and r["config_digest"] and r["flow_run_id"]
         assert r["libraries"]["nvidia-modelopt"] and r["libraries"]["torch"] and r["onnx_bytes"]["fp8_text"] > 0
+        assert r["gate_runtime"] == "onnxruntime" and {"fakequant", "onnxruntime"} <= r["runtime_metrics"].keys()
+        assert r["metrics"]["fp8"] == r["runtime_metrics"]["onnxruntime"]  # what the gate and the regression judge
     assert r1["calibration_digest"] != r3["calibration_digest"] and r1["config_digest"] != r3["config_digest"]
     # The events carry the numbers, read back from the server's events API.
     (regressed,) = events_named("clip-fp8.run.regressed", worse["run"])

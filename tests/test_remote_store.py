@@ -41,11 +41,16 @@ def s3_endpoint():
     server.stop()
 
 
+# Cut down, and the deployed runtimes not evaluated: these tests are about where stages run and what they
+# share (every stage still runs; the evaluation of what ships is test_pipeline_e2e's).
+SMALL = ["--set", "calibration.num_samples=256", "--set", "calibration.batch_size=128", "--set", "evaluation.num_samples=200",
+         "--set", "evaluation.runtimes=[fakequant]"]
+
+
 def run_on_host(host: Path, env: dict, url: str) -> dict:
     host.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
-        [str(BIN / "clip-fp8"), "run", "-o", url, "--set", "calibration.num_samples=256", "--set", "calibration.batch_size=128",
-         "--set", "evaluation.num_samples=200", "--set", f"output.run_name={host.name}"],
+        [str(BIN / "clip-fp8"), "run", "-o", url, *SMALL, "--set", f"output.run_name={host.name}"],
         env={**os.environ, **env, "CLIP_FP8_CACHE_DIR": str(host / "cache"), "PREFECT_HOME": str(host / "prefect"),
              "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"},  # a fresh database migrates first
         capture_output=True, text=True, timeout=900, cwd=host,
@@ -116,9 +121,7 @@ def test_object_store_locks_admit_one_holder_and_expire_a_dead_one(s3_endpoint):
 def _start_on_host(host: Path, env: dict, url: str, extra: list[str] = ()) -> subprocess.Popen:
     host.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(
-        [str(BIN / "clip-fp8"), "run", "-o", url, "--set", "calibration.num_samples=256", "--set",
-         "calibration.batch_size=128", "--set", "evaluation.num_samples=200", "--set", f"output.run_name={host.name}",
-         *extra],
+        [str(BIN / "clip-fp8"), "run", "-o", url, *SMALL, "--set", f"output.run_name={host.name}", *extra],
         env={**os.environ, **env, "CLIP_FP8_CACHE_DIR": str(host / "cache"), "PREFECT_HOME": str(host / "prefect"),
              "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "CLIP_FP8_LOCK_LEASE_S": "5"},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=host, start_new_session=True)
