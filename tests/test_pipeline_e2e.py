@@ -244,12 +244,23 @@ def test_quality_gate_fails_marks_and_honours_a_pattern_limit(first_run):
     assert {r["metric"] for r in pattern["quality_gate"]["rows"] if not r["passed"]} == {m for m in worse if "retrieval" in m}
 
 
-def test_onnx_runtime_check_is_against_pytorch_and_fires_on_a_damaged_graph(first_run, tmp_path):
-    """One weight scale of the shipped FP8 image graph times 10: ONNX Runtime still runs it, and the check
-    against the fake-quant PyTorch model catches it (a graph compared with itself would not)."""
+def damage_one_weight_scale(graph: Path, out: Path) -> None:
+    """The first MLP weight's DequantizeLinear scale times 10: a graph ONNX Runtime still runs, with wrong numbers."""
     import numpy as np
     from onnx import numpy_helper
 
+    model = onnx.load(str(graph))
+    inits = {i.name: i for i in model.graph.initializer}
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+              and "mlp" in n.input[0])
+    scale = inits[dq.input[1]]
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.float16(10), name=scale.name))
+    onnx.save(model, str(out))
+
+
+def test_onnx_runtime_check_is_against_pytorch_and_fires_on_a_damaged_graph(first_run, tmp_path):
+    """One weight scale of the shipped FP8 image graph times 10: ONNX Runtime still runs it, and the check
+    against the fake-quant PyTorch model catches it (a graph compared with itself would not)."""
     from clip_fp8.tasks.checkpoints import EMBEDDED_MODELS, load_quantized
     from clip_fp8.tasks.surgery import check_inputs, cosine, onnx_embeddings, torch_embeddings
 
@@ -260,14 +271,8 @@ def test_onnx_runtime_check_is_against_pytorch_and_fires_on_a_damaged_graph(firs
     reference = torch_embeddings(load_quantized(summary["artifacts"]["checkpoint"], config.model), "image", pixels)
     assert cosine(onnx_embeddings(shipped, pixels), reference).min() >= config.export.min_cosine
 
-    model = onnx.load(str(shipped))
-    inits = {i.name: i for i in model.graph.initializer}
-    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
-              and "mlp" in n.input[0])
-    scale = inits[dq.input[1]]
-    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.float16(10), name=scale.name))
     damaged = tmp_path / "damaged.onnx"
-    onnx.save(model, str(damaged))
+    damage_one_weight_scale(shipped, damaged)
     assert cosine(onnx_embeddings(damaged, pixels), reference).min() < config.export.min_cosine
 
 
@@ -325,9 +330,6 @@ def test_damaged_fp8_graph_passes_the_fakequant_gate_and_fails_the_deployed_one(
     naming the runtime and the metric."""
     import shutil
 
-    import numpy as np
-    from onnx import numpy_helper
-
     from clip_fp8.errors import QualityGateError
     from clip_fp8.tasks.checkpoints import resolve_model_source
     from clip_fp8.tasks.eval_datasets import resolve_eval_source
@@ -336,14 +338,7 @@ def test_damaged_fp8_graph_passes_the_fakequant_gate_and_fails_the_deployed_one(
     config, summary = first_run
     shipped = run_artifact(summary, "surgery_fp8")
     damaged = shipped.model_copy(update={"path": str(shutil.copytree(shipped.path, tmp_path / "damaged"))})
-    graph = damaged.file("fp8_image")
-    model = onnx.load(str(graph))
-    inits = {i.name: i for i in model.graph.initializer}
-    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
-              and "mlp" in n.input[0])
-    scale = inits[dq.input[1]]
-    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.float16(10), name=scale.name))
-    onnx.save(model, str(graph))
+    damage_one_weight_scale(damaged.file("fp8_image"), damaged.file("fp8_image"))
 
     def gate_on(gate_runtime: str, out: Path):
         out.mkdir()
