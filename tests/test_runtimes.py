@@ -71,3 +71,15 @@ def test_gate_runtime_must_be_one_of_the_evaluated_runtimes():
                    if (f.json_schema_extra or {}).get("flow")}
     assert {"runtimes", "gate_runtime"} <= flow_fields
     assert PipelineConfig().evaluation.runtimes == ["fakequant", "onnxruntime", "torch-fp8", "tensorrt"]
+
+
+def test_a_serving_host_loads_torch_fp8_without_modelopt_onnx_or_prefect():
+    """`clip_fp8.fp8_runtime` is what a serving process imports: torch, transformers and safetensors only."""
+    import subprocess
+    import sys
+
+    heavy = ("prefect", "modelopt", "onnx", "onnxruntime", "open_clip", "clip_benchmark", "tensorrt_rtx_bindings")
+    probe = f"import sys, clip_fp8.fp8_runtime; print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout
