@@ -10,7 +10,8 @@ pairs at batch 512). It runs ``clip_fp8_pipeline`` itself, the Prefect flow with
 - ``requantize``: new calibration data (another seed), same model: only the FP8 side is recomputed;
 - ``unchanged``: the same parameters again, every stage from the cache.
 
-    python benchmarks/bench_pipeline.py --work /tmp/vitl --out pipeline.json [--calibration 8192] [--batch 512]
+    python benchmarks/bench_pipeline.py --work /tmp/vitl --out pipeline.json [--calibration 8192] [--batch 512] \
+        [--set evaluation.runtimes=[fakequant]] [--runs cold,requantize]
 
 Targets (docs/benchmarks.md): cold run at least 25 % below the sequential pipeline's sum of stage times;
 re-quantization at most 60 % of the cold run.
@@ -89,6 +90,8 @@ def main() -> None:
     parser.add_argument("--model", default="vit-l-14",
                         help="vit-l-14 (random weights, built here) or any model.source, e.g. embedded:tiny-clip-shapes")
     parser.add_argument("--runs", default="cold,requantize,unchanged", help="which runs, in order")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="more PipelineConfig overrides, as `clip-fp8 run --set` takes them (repeatable)")
     args = parser.parse_args()
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -101,6 +104,7 @@ def main() -> None:
         f"model.source={source}", f"calibration.num_samples={args.calibration}", f"calibration.batch_size={args.batch}",
         f"evaluation.num_samples={args.eval_samples}", "evaluation.batch_size=250", f"export.check_samples={args.check_samples}",
         f"output.root={args.work / 'out'}", "evaluation.on_gate_failure=mark",  # random weights: the gate means nothing
+        *args.overrides,
     ])
     meta = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "cpus": os.cpu_count(), "torch": torch.__version__, "transformers": __import__("transformers").__version__,
