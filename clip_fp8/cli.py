@@ -312,14 +312,19 @@ def deploy(
                                                "regressed (creates the automation in deployments/automations/)."),
     models: Optional[Path] = typer.Option(None, help="Models file (YAML/JSON: `models:` entries with name, source, "
                                           "revision, overrides): a nightly with one pipeline run per model."),
+    target: list[str] = typer.Option([], help="Build target 'GPU type=work pool[/queue]' (repeatable): engines are built "
+                                     "and timed on that pool's workers; creates the pool and its engines deployment."),
+    target_pool_type: str = typer.Option("process", help="Type of the target pools it creates: process, docker or kubernetes."),
 ) -> None:
     """Create the work pool, GPU concurrency limits and the on-demand and nightly deployments (idempotent)."""
     from clip_fp8.config import ModelsFile
-    from clip_fp8.deployments.deploy import deploy_all
+    from clip_fp8.deployments.deploy import deploy_all, parse_target
 
     try:
         models_file = ModelsFile.from_file(models) if models else None
-        ids = deploy_all(work_pool, nightly_cron, timezone, tuple(gpu_name), notify_block=notify_block, models=models_file)
+        targets = tuple(parse_target(t) for t in target)
+        ids = deploy_all(work_pool, nightly_cron, timezone, tuple(gpu_name), notify_block=notify_block, models=models_file,
+                         targets=targets, target_pool_type=target_pool_type)
     except (ValueError, FileNotFoundError) as exc:  # a bad models file; a named thing that does not exist (the block)
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)

@@ -8,6 +8,7 @@ has a default and a description, and the defaults are the embedded, CPU-only, of
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -224,6 +225,21 @@ class ExportConfig(Section):
     )
 
 
+class BuildTarget(Section):
+    """A GPU type engines are built for, and the work pool whose workers have it (``build.targets``)."""
+
+    gpu: str = Field(
+        min_length=1, description="GPU type as its workers' `nvidia-smi` names it (e.g. 'NVIDIA H100 80GB HBM3'): the "
+        "engines' label, the benchmark's concurrency limit `gpu:<gpu>` and the engines deployment's name.")
+    work_pool: str = Field(min_length=1, description="Work pool whose workers have this GPU type.")
+    work_queue: str | None = Field(None, description="Queue of that pool, where one pool holds several GPU types.")
+
+    @property
+    def slug(self) -> str:
+        """The GPU type as a deployment and flow-run name: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+        return re.sub(r"[^a-z0-9]+", "-", self.gpu.lower()).strip("-") or "gpu"
+
+
 class BuildConfig(Section):
     enabled: bool = Field(True, description="Build TensorRT engines (skipped with a reason where TensorRT is absent).")
     backend: Literal["auto", "tensorrt", "trtexec", "tensorrt-rtx"] = Field(
@@ -236,6 +252,27 @@ class BuildConfig(Section):
     min_batch: int = Field(1, ge=1, description="Optimization profile: minimum batch.")
     opt_batch: int = Field(128, ge=1, description="Optimization profile: optimal batch.")
     max_batch: int = Field(128, ge=1, description="Optimization profile: maximum batch.")
+    # Where engines are built decides which runs start, not what an engine is (the target's GPU is in the key):
+    # "flow" fields, not part of any stage's key.
+    targets: list[BuildTarget] = Field(
+        default=[], json_schema_extra={"flow": True},
+        description="GPU types to build and time engines for, each on its own work pool (one engines sub-run per "
+        "target, `clip-fp8 deploy --target` creates them); empty: build where the flow runs.")
+    target_timeout: float = Field(
+        1800, gt=0, json_schema_extra={"flow": True},
+        description="Seconds a target's engines run may wait for a worker; then the target is reported pending "
+        "(its run cancelled) and the pipeline completes without it.")
+    target_run_timeout: float = Field(
+        4 * 3600, gt=0, json_schema_extra={"flow": True},
+        description="Seconds a target's engines run may take once a worker picked it up.")
+
+    @field_validator("targets")
+    @classmethod
+    def _distinct_gpus(cls, targets: list[BuildTarget]) -> list[BuildTarget]:
+        slugs = [t.slug for t in targets]
+        if dupes := sorted({t.gpu for t in targets if slugs.count(t.slug) > 1}):
+            raise ValueError(f"build.targets names a GPU type twice: {', '.join(dupes)}; one target per GPU type")
+        return targets
 
 
 class BenchmarkConfig(Section):

@@ -35,6 +35,10 @@ class ValidationError(PipelineError):
     """An exported graph failed its numeric check or the strongly typed pre-flight."""
 
 
+class BuildTargetError(PipelineError):
+    """A build target's engines run failed, or ran on a worker with another GPU type."""
+
+
 def collected(error: type[PipelineError], what: str, failures: list[str], reports: dict[str, str] | None = None,
               shown: int = 5) -> PipelineError:
     """One error naming every failure (the first ``shown`` in its message, all in ``failures``)."""

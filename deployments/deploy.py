@@ -1,6 +1,7 @@
 """Create the work pool, the GPU concurrency limit and the deployments. Idempotent: run it as often as you like.
 
     clip-fp8 deploy [--work-pool gpu] [--nightly-cron "0 2 * * *"] [--timezone Europe/Berlin] [--gpu-name "NVIDIA H100 80GB HBM3"]
+                    [--target "NVIDIA H100 80GB HBM3=h100" --target "NVIDIA L40S=l40s" [--target-pool-type kubernetes]]
 
 - ``clip-fp8-on-demand``: no schedule; the run form in the UI is the pipeline's ``PipelineConfig``.
 - ``clip-fp8-nightly``: cron with an explicit timezone; production parameters (ViT-L/14, COCO).
@@ -12,6 +13,11 @@
 - With ``--models models.yaml``: ``clip-fp8-models-nightly`` (``flows/models_night.py``) on the nightly's
   schedule, one pipeline run per model of the file and one table for all; the single-model nightly is
   then deployed paused.
+- With ``--target 'GPU=POOL[/QUEUE]'`` (repeatable): the build matrix (``flows/engines.py``). Per target a work
+  pool (``--target-pool-type``: process, or kubernetes from ``job-templates/kubernetes-gpu.json``), the GPU's
+  concurrency limit and the deployment ``clip-fp8-engines/<gpu slug>`` on that pool, whose job variables
+  take the GPU type from the target (kubernetes: ``gpu_product``, the node selector; docker: a GPU device
+  request); the on-demand and nightly runs get ``build.targets`` so that they fan out over the pools.
 - With ``--notify-block NAME``: the automation in ``automations/regression-alert.yaml``, sending a
   notification through your Prefect notification block NAME whenever a run regressed.
 """
@@ -19,9 +25,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
-from clip_fp8.config import ModelsFile, PipelineConfig
+from pydantic import ValidationError
+
+from clip_fp8.config import BuildConfig, BuildTarget, ModelsFile, PipelineConfig
+from clip_fp8.flows.engines import ENGINES_ENTRYPOINT
 from clip_fp8.tasks.tensorrt import gpu_info, gpu_limit_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +41,31 @@ NIGHTLY = "clip-fp8-nightly"
 MODELS_ENTRYPOINT = "flows/models_night.py:clip_fp8_models"
 MODELS_NIGHTLY = "clip-fp8-models-nightly"
 REGRESSION_ALERT = Path(__file__).resolve().parent / "automations" / "regression-alert.yaml"
+JOB_TEMPLATES = Path(__file__).resolve().parent / "job-templates"
+POOL_TYPES = ("process", "docker", "kubernetes")
+
+
+def parse_target(text: str) -> BuildTarget:
+    """'NVIDIA H100 80GB HBM3=h100' or '...=gpus/h100' (pool/queue): one target of ``build.targets``."""
+    gpu, sep, where = text.rpartition("=")
+    pool, _, queue = where.partition("/")
+    if not sep or not gpu.strip() or not pool.strip():
+        raise ValueError(f"--target '{text}' is not of the form 'GPU type=work pool[/queue]', "
+                         "e.g. --target 'NVIDIA H100 80GB HBM3=h100'")
+    return BuildTarget(gpu=gpu.strip(), work_pool=pool.strip(), work_queue=queue.strip() or None)
+
+
+def target_job_variables(pool_type: str, target: BuildTarget) -> dict:
+    """The job variables that put a target's engines run on its GPU type: the kubernetes template's node
+    selector (GPU feature discovery's ``nvidia.com/gpu.product`` label: the name with dashes), docker's
+    device request (the pool's hosts have that GPU), nothing for a process pool (its workers' host has it)."""
+    if pool_type == "kubernetes":
+        return {"gpu_product": target.gpu.replace(" ", "-"), "gpu_count": 1}
+    if pool_type == "docker":
+        docker = json.loads((JOB_TEMPLATES / "docker-gpu.json").read_text())
+        return {"container_create_kwargs": docker["container_create_kwargs"],
+                "labels": {"clip-fp8.gpu": target.gpu}}
+    return {}
 
 
 def production_config() -> PipelineConfig:
@@ -56,8 +91,13 @@ async def ensure_work_pool(name: str, pool_type: str = "process") -> None:
             return
         except ObjectNotFound:
             pass
-        template = ProcessWorker.get_default_base_job_template() if pool_type == "process" else {}
+        template = (ProcessWorker.get_default_base_job_template() if pool_type == "process" else
+                    _template_without_comment(JOB_TEMPLATES / "kubernetes-gpu.json") if pool_type == "kubernetes" else {})
         await client.create_work_pool(WorkPoolCreate(name=name, type=pool_type, base_job_template=template))
+
+
+def _template_without_comment(path: Path) -> dict:
+    return {k: v for k, v in json.loads(path.read_text()).items() if k != "_comment"}
 
 
 async def ensure_concurrency_limit(name: str, slots: int = 1) -> None:
@@ -93,18 +133,37 @@ async def ensure_regression_alert(block_name: str) -> str:
 def deploy_all(work_pool: str = "gpu", nightly_cron: str = "0 2 * * *", timezone: str = "UTC",
                gpu_names: tuple[str, ...] = (), on_demand_config: PipelineConfig | None = None,
                nightly_config: PipelineConfig | None = None, notify_block: str | None = None,
-               models: ModelsFile | None = None) -> dict[str, str]:
+               models: ModelsFile | None = None, targets: tuple[BuildTarget, ...] = (),
+               target_pool_type: str = "process") -> dict[str, str]:
     """Create or update everything; return deployment name -> id."""
     from prefect import flow
     from prefect.schedules import Cron
 
+    try:  # one line for a bad list (the same GPU type twice), before anything is created
+        BuildConfig(targets=list(targets))
+    except ValidationError as exc:
+        raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+    if target_pool_type not in POOL_TYPES:
+        raise ValueError(f"--target-pool-type '{target_pool_type}' is not one of {', '.join(POOL_TYPES)}")
     asyncio.run(ensure_work_pool(work_pool))
     local_gpu, _ = gpu_info()
-    for gpu in {*gpu_names, *([local_gpu] if local_gpu != "none" else [])}:
+    for gpu in {*gpu_names, *(t.gpu for t in targets), *([local_gpu] if local_gpu != "none" else [])}:
         asyncio.run(ensure_concurrency_limit(gpu_limit_name(gpu)))
+    ids = {}
+    if targets:  # the build matrix: engines runs on each GPU type's pool, and runs that fan out to them
+        with_targets = [f"build.targets={json.dumps([t.model_dump(mode='json') for t in targets])}"]
+        on_demand_config = (on_demand_config or PipelineConfig()).with_overrides(with_targets)
+        nightly_config = (nightly_config or production_config()).with_overrides(with_targets)
+        engines = flow.from_source(source=str(REPO_ROOT), entrypoint=ENGINES_ENTRYPOINT)
+        for target in targets:
+            asyncio.run(ensure_work_pool(target.work_pool, target_pool_type))
+            ids[f"clip-fp8-engines/{target.slug}"] = str(engines.deploy(
+                name=target.slug, work_pool_name=target.work_pool, work_queue_name=target.work_queue, build=False,
+                push=False, print_next_steps=False, job_variables=target_job_variables(target_pool_type, target),
+                description=f"Build and time clip-fp8 engines on {target.gpu} (started by the pipeline's runs).",
+                tags=["clip-fp8", "engines", gpu_limit_name(target.gpu)]))
 
     source = flow.from_source(source=str(REPO_ROOT), entrypoint=ENTRYPOINT)
-    ids = {}
     ids[ON_DEMAND] = str(source.deploy(
         name=ON_DEMAND, work_pool_name=work_pool, build=False, push=False, print_next_steps=False,
         parameters={"config": (on_demand_config or PipelineConfig()).model_dump(mode="json")},

@@ -12,7 +12,6 @@ that failed, if any did.
 
 from __future__ import annotations
 
-import json
 import time
 
 from prefect import flow
@@ -22,26 +21,9 @@ from prefect.runtime import flow_run
 
 from clip_fp8.config import ModelEntry, PipelineConfig
 from clip_fp8.flows.pipeline import OUTCOME_ARTIFACT
+from clip_fp8.flows.subruns import first_line, outcome_row
 
 PIPELINE_DEPLOYMENT = "clip-fp8/clip-fp8-on-demand"
-
-
-def _first_line(text: str | None) -> str:
-    lines = (text or "").strip().splitlines()
-    return lines[0] if lines else ""
-
-
-def _outcome(client, run_id) -> dict:
-    """The one-row outcome table the model's pipeline run published, if it got that far."""
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
-
-    artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
-        flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]), key=ArtifactFilterKey(any_=[OUTCOME_ARTIFACT])))
-    if not artifacts:
-        return {}
-    data = artifacts[0].data
-    rows = json.loads(data) if isinstance(data, str) else data
-    return rows[0] if rows else {}
 
 
 @flow(name="clip-fp8-models", log_prints=True, validate_parameters=True)
@@ -61,7 +43,7 @@ def clip_fp8_models(models: list[ModelEntry], config: PipelineConfig = PipelineC
         try:
             config_i = entry.config(config)
         except ValueError as exc:  # a bad override: one line naming the entry, and this entry only fails
-            row.update(state="Failed", error=_first_line(str(exc)))
+            row.update(state="Failed", error=first_line(str(exc)))
             print(f"{entry.name}: {row['error']}")
             continue
         run = run_deployment(deployment, parameters={"config": config_i.model_dump(mode="json")}, timeout=0,
@@ -79,14 +61,14 @@ def clip_fp8_models(models: list[ModelEntry], config: PipelineConfig = PipelineC
                 if run.state is not None and run.state.is_final():
                     rows[name]["state"] = run.state.name
                     if not run.state.is_completed():
-                        rows[name]["error"] = _first_line(run.state.message)
+                        rows[name]["error"] = first_line(run.state.message)
                     pending.pop(name)
             if pending:
                 time.sleep(poll_s)
         for name in pending:
             rows[name].update(state="Pending", error=f"not finished within {timeout_s:.0f} s")
         for name, run_id in started.items():
-            outcome = _outcome(client, run_id)
+            outcome = outcome_row(client, run_id, OUTCOME_ARTIFACT)
             rows[name]["promotable"] = bool(outcome.get("promotable", False))
             rows[name]["report"] = outcome.get("report", "")
             if outcome.get("error") and not rows[name]["error"]:

@@ -42,14 +42,13 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from clip_fp8 import history
 from clip_fp8.artifacts import ArtifactRef, ArtifactStore, atomic_write, write_json_atomic
 from clip_fp8.config import PipelineConfig
+from clip_fp8.flows.engines import benchmark_task, build_task, check_targets, engines_on_target
 from clip_fp8.flows.report import plot_benchmark, plot_trend, render_markdown
 from clip_fp8.flows.run_history import record_run
 from clip_fp8.flows.stage_task import EXECUTIONS, REUSED, stage_results, stage_task
 from clip_fp8.stage import reports_of
 from clip_fp8.tasks.audit import audit
 from clip_fp8.tasks.baseline_model import baseline_model
-from clip_fp8.tasks.benchmark import benchmark
-from clip_fp8.tasks.build import build
 from clip_fp8.tasks.calibration_data import calibration_data
 from clip_fp8.tasks.calibration_sources import resolve_data_source
 from clip_fp8.tasks.checkpoints import pick_device, resolve_model_source
@@ -62,7 +61,7 @@ from clip_fp8.tasks.recovery import exclusion_reasons, plan, recovery
 from clip_fp8.tasks.runtimes import resolve_gate_runtime
 from clip_fp8.tasks.sensitivity import sensitivity
 from clip_fp8.tasks.surgery import surgery
-from clip_fp8.tasks.tensorrt import gpu_limit_name, resolve_target
+from clip_fp8.tasks.tensorrt import Target, resolve_target
 from clip_fp8.tasks.torch_fp8 import torch_fp8
 
 # Every run's outcome as a one-row table artifact: what a parent run (flows/models_night.py) reads back.
@@ -79,10 +78,6 @@ torch_fp8_task = stage_task(torch_fp8, retries=1)
 evaluate_deployed_task = stage_task(evaluate_deployed, retries=1)
 export_task = stage_task(export, retries=1)
 surgery_task = stage_task(surgery)
-build_task = stage_task(build, retries=2)
-# One benchmark per GPU type at a time (the limit `clip-fp8 deploy` creates).
-benchmark_task = stage_task(benchmark, retries=2,
-                            limit=lambda inputs: None if inputs["target"].unavailable else gpu_limit_name(inputs["target"].gpu))
 
 
 @flow(name="clip-fp8", log_prints=True, validate_parameters=True, task_runner=ThreadPoolTaskRunner(max_workers=8))
@@ -94,7 +89,9 @@ def clip_fp8_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
         model_source = resolve_model_source(config.model)
         data_source = resolve_data_source(config.calibration)
         eval_source = resolve_eval_source(config.evaluation)
-        target = resolve_target(config.build)
+        check_targets(config.build)
+        target = resolve_target(config.build) if not config.build.targets else Target(
+            backend="none", unavailable="engines are built on the build targets' workers (build.targets)")
         m, x = config.model, config.export
         gate_runtime = resolve_gate_runtime(config.evaluation, pick_device(m), target)
         run.summary["gate_runtime"] = gate_runtime
@@ -105,7 +102,8 @@ def clip_fp8_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
             s["export_fp16"] = export_task.submit("fp16", model_source, None, m, x, store=store)
             s["surgery_fp16"] = surgery_task.submit("fp16", s["export_fp16"], model_source, None, None, None, m, x,
                                                     config.build, store=store)
-            s["build_fp16"] = build_task.submit(s["surgery_fp16"], config.build, target, store=store)
+            if not config.build.targets:
+                s["build_fp16"] = build_task.submit(s["surgery_fp16"], config.build, target, store=store)
             s["quantize"] = quantize_task.submit(model_source, s["calibration_data"], data_source, m, config.calibration,
                                                  config.quantization, store=store)
             s["audit"] = audit_task.submit(s["quantize"], config.quantization, store=store)
@@ -117,17 +115,25 @@ def clip_fp8_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
                                                  wait_for=[last(s, "audit")])
             s["surgery_fp8"] = surgery_task.submit("fp8", s["export_fp8"], model_source, last(s, "quantize"),
                                                    s["calibration_data"], data_source, m, x, config.build, store=store)
-            s["build_fp8"] = build_task.submit(s["surgery_fp8"], config.build, target, store=store)
             s["torch_fp8"] = torch_fp8_task.submit(last(s, "quantize"), m, store=store, wait_for=[last(s, "audit")])
+            targets: dict[str, PrefectFuture] = {}
+            if config.build.targets:  # one engines run per GPU type, each on its own pool (flows/engines.py)
+                for t in config.build.targets:
+                    targets[t.gpu] = engines_on_target.submit(t, [s["surgery_fp16"], s["surgery_fp8"]], model_source,
+                                                              s["torch_fp8"], config)
+            else:
+                s["build_fp8"] = build_task.submit(s["surgery_fp8"], config.build, target, store=store)
             e = config.evaluation
             s["evaluate_deployed"] = evaluate_deployed_task.submit(
-                last(s, "evaluate"), model_source, s["surgery_fp8"], s["build_fp8"], s["torch_fp8"], eval_source, m, e,
-                list(e.runtimes), gate_runtime, store=store)
-            # Timed alone: nothing else of this run may share the GPU while it measures.
-            s["benchmark"] = benchmark_task.submit([s["build_fp16"], s["build_fp8"]], model_source, s["torch_fp8"], m,
-                                                   config.benchmark, target, store=store,
-                                                   wait_for=[allow_failure(f) for f in s.values()])
+                last(s, "evaluate"), model_source, s["surgery_fp8"], s.get("build_fp8"), s["torch_fp8"], eval_source, m,
+                e, list(e.runtimes), gate_runtime, store=store)
+            if not config.build.targets:
+                # Timed alone: nothing else of this run may share the GPU while it measures.
+                s["benchmark"] = benchmark_task.submit([s["build_fp16"], s["build_fp8"]], model_source, s["torch_fp8"],
+                                                       m, config.benchmark, target, store=store,
+                                                       wait_for=[allow_failure(f) for f in s.values()])
             run.settle(s)
+            run.settle_targets(targets)
     except BaseException as exc:
         run.fail(exc)
         raise
@@ -237,6 +243,27 @@ class RunRecord:
         self._collect()
         if not self.failures:
             self.summary["status"] = "completed"
+
+    def settle_targets(self, futures: dict[str, PrefectFuture]) -> None:
+        """Each build target's outcome (``flows/engines.py``): its engines and timings, or why it has none."""
+        wait(list(futures.values()))
+        for gpu, future in futures.items():
+            label = f"engines@{gpu}"
+            if future.state.is_completed():
+                result = future.state.result()
+            else:
+                exc = future.state.result(raise_on_failure=False)
+                exc = exc if isinstance(exc, BaseException) else RuntimeError(str(future.state.message))
+                self.failures.append((label, exc))
+                result = getattr(exc, "target_result", None) or {
+                    "gpu": gpu, "status": "failed" if future.state.is_failed() else "not run", "reason": _one_line(exc),
+                    "builds": [], "benchmark": None}
+            self.summary.setdefault("targets", {})[gpu] = result
+            self.summary["stages"][label] = {"status": result["status"], "seconds": 0.0, "note": result.get("reason", "")}
+            for built in result["builds"]:
+                self.summary["artifacts"].update({
+                    f"engine_{gpu}_{name}": f"{built.get('uri') or built['path']}/{built['files'][name]}"
+                    for name in built["meta"].get("engines", {})})
 
     def _collect(self) -> None:
         s, refs = self.summary, self.refs

@@ -67,10 +67,23 @@ def render_markdown(summary: dict[str, Any]) -> str:
         not_fp8 = sorted({g for k, v in onnx.items() if k.startswith("fp8") for g in v["census"]["gemms_not_fp8"]})
         if not_fp8:
             lines += ["", "GEMMs left in FP16 in the FP8 graphs: " + ", ".join(f"`{g}`" for g in not_fp8)]
-    engines = summary.get("engines")
+    lines += _engines_section(summary.get("engines"), "##")
+    lines += _benchmark_section(summary.get("benchmark"), "##")
+    if summary.get("benchmark_png"):
+        lines += ["", f"![latency and throughput](data:image/png;base64,{summary['benchmark_png']})"]
+    for gpu, target in summary.get("targets", {}).items():
+        lines += _target_section(gpu, target)
+    lines += _history_section(summary)
+    lines += ["", "## Artifacts", ""] + [f"- {k}: `{v}`" for k, v in summary.get("artifacts", {}).items()]
+    return "\n".join(lines) + "\n"
+
+
+def _engines_section(engines: dict | None, level: str) -> list[str]:
+    """The engines of one target: ``{"target": Target, "engines": {name: facts}}``."""
+    lines: list[str] = []
     if engines:
         t = engines["target"]
-        lines += ["", "## TensorRT engines", "",
+        lines += ["", f"{level} TensorRT engines", "",
                   f"Built with {t['backend']} {t['version']} for {t['gpu']} (compute capability {t['compute_capability'] or 'n/a'}).",
                   "", "| engine | size | build s | layers by precision |", "|---|---|---|---|"]
         for name, e in sorted(engines["engines"].items()):
@@ -80,9 +93,14 @@ def render_markdown(summary: dict[str, Any]) -> str:
                 precision = e["precision"] if isinstance(e["precision"], str) else \
                     ", ".join(f"{k} {v}" for k, v in sorted(e["precision"].items()))
                 lines.append(f"| {name} | {_mb(e['engine_bytes'])} | {e['build_seconds']:.1f} | {precision} |")
-    bench = summary.get("benchmark")
+    return lines
+
+
+def _benchmark_section(bench: dict | None, level: str) -> list[str]:
+    """The benchmark stage's rows: one per runtime, encoder and batch."""
+    lines: list[str] = []
     if bench and bench.get("rows"):
-        lines += ["", "## Benchmark", "",
+        lines += ["", f"{level} Benchmark", "",
                   "| encoder | variant | batch | median ms | p99 ms | samples/s | cv | weights | activations | "
                   "FP8 vs FP16 (same runtime) | FP8 vs PyTorch eager |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         median = {(r["encoder"], r["variant"], r["batch"]): r["latency_median_ms"] for r in bench["rows"]}
@@ -97,11 +115,28 @@ def render_markdown(summary: dict[str, Any]) -> str:
             lines.append(f"| {r['encoder']} | {r['variant']} | {r['batch']} | {r['latency_median_ms']:.3f} | "
                          f"{r.get('latency_p99_ms', float('nan')):.3f} | {r['throughput_samples_s']:.1f} | {cv} | "
                          f"{memory[0]} | {memory[1]} | {speedups[0]} | {speedups[1]} |")
-        if summary.get("benchmark_png"):
-            lines += ["", f"![latency and throughput](data:image/png;base64,{summary['benchmark_png']})"]
-    lines += _history_section(summary)
-    lines += ["", "## Artifacts", ""] + [f"- {k}: `{v}`" for k, v in summary.get("artifacts", {}).items()]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _target_section(gpu: str, target: dict) -> list[str]:
+    """One build target (``build.targets``): where its engines run went, its engines and their timings."""
+    where = f"pool `{target['work_pool']}`" + (f", worker `{target['worker']}`" if target.get("worker") else "")
+    lines = ["", f"## Build target: {gpu}", "",
+             f"**{target['status']}**: engines run `{target.get('flow_run', '')}` on {where}."
+             + (f" {target['reason']}" if target.get("reason") else "")]
+    built = [b["meta"] for b in target.get("builds", []) if "engines" in b.get("meta", {})]
+    if built:
+        lines += _engines_section({"target": built[0]["target"],
+                                   "engines": {k: v for meta in built for k, v in meta["engines"].items()}}, "###")
+    skipped = [f"{b['meta'].get('variant', b['stage'])}: {b['meta']['skip_reason']}"
+               for b in target.get("builds", []) if "skip_reason" in b.get("meta", {})]
+    if skipped:
+        lines += ["", "Not built: " + "; ".join(skipped)]
+    bench = (target.get("benchmark") or {}).get("meta")
+    lines += _benchmark_section(bench, "###")
+    if bench and not bench.get("rows") and bench.get("skip_reason"):
+        lines += ["", f"Not timed: {bench['skip_reason']}"]
+    return lines
 
 
 def warm_plotting() -> None:

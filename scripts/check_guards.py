@@ -84,6 +84,13 @@ MUTANTS = [
      '            scale = compressed.weight_quantizer._scale if leaf == "weight_scale" else input_scales[owner]',
      '            scale = torch.ones(()) if leaf == "weight_scale" else input_scales[owner]',
      "tests/test_pipeline_e2e.py::test_torch_fp8_artifact_holds_fp8_weights_and_matches_fakequant"),
+    ("engines labelled for the target whatever GPU built them", "flows/engines.py",
+     '    if found.gpu not in ("none", target.gpu):', "    if False:",
+     "tests/test_build_matrix.py::test_engines_are_labelled_for_the_target_and_a_worker_with_another_gpu_is_refused"),
+    ("a target no worker picks up is waited for forever", "flows/engines.py",
+     "            if claimed_at is None and time.time() - started > cfg.target_timeout:",
+     "            if claimed_at is None and time.time() - started > float('inf'):",
+     "tests/test_deployment.py::test_build_matrix_builds_on_each_gpu_pool_and_reports_a_missing_one_pending"),
 ]
 
 

@@ -39,12 +39,11 @@ def layer(module: str) -> int:
 
 
 def stage_functions():
-    """The flow's stage tasks -> the plain functions they wrap."""
-    from prefect import Task
+    """The flow's stage tasks (the pipeline's and the build matrix's engines runs) -> the plain functions they wrap."""
+    from clip_fp8.flows import pipeline  # noqa: F401 - wraps every stage, into stage_task.STAGES
+    from clip_fp8.flows.stage_task import STAGES
 
-    from clip_fp8.flows import pipeline
-
-    return {name: task.fn.__wrapped_stage__ for name, task in vars(pipeline).items() if isinstance(task, Task)}
+    return {f"{fn.__name__}_task": fn for fn in STAGES}
 
 
 def test_modules_import_only_their_own_layer_or_below():
@@ -133,9 +132,8 @@ def test_loading_the_flow_imports_no_heavy_library(name):
 def _identities_with(site: Path | None) -> dict[str, str]:
     """Each stage's code identity computed in a fresh interpreter, with ``site`` first on its path."""
     code = ("import json; from clip_fp8.caching import code_identity; from clip_fp8.stage import stage_name; "
-            "from prefect import Task; from clip_fp8.flows import pipeline; "
-            "print(json.dumps({stage_name(t.fn.__wrapped_stage__): json.dumps(code_identity(t.fn.__wrapped_stage__.__module__), "
-            "sort_keys=True) for t in vars(pipeline).values() if isinstance(t, Task)}))")
+            "from clip_fp8.flows import pipeline; from clip_fp8.flows.stage_task import STAGES; "
+            "print(json.dumps({stage_name(fn): json.dumps(code_identity(fn.__module__), sort_keys=True) for fn in STAGES}))")
     env = {**__import__("os").environ, **({"PYTHONPATH": str(site)} if site else {})}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])

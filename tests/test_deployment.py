@@ -386,6 +386,72 @@ def test_a_models_file_gives_one_run_per_model_and_one_table(deployed, tmp_path)
     assert bad.stderr.startswith(f"error: models file {models}: models.0.revison: ")
 
 
+def test_build_matrix_builds_on_each_gpu_pool_and_reports_a_missing_one_pending(deployed, tmp_path):
+    """`build.targets`: one engines run per GPU type on its own pool's worker (TensorRT-RTX builds on the CPU), one
+    report with a table per target, and a target whose pool has no worker reported pending after its timeout."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    targets = ["GPU A=pool-a", "GPU B=pool-b", "GPU C=pool-c"]
+    config = PipelineConfig.model_validate(_small_config(tmp_path / "out")).with_overrides([
+        "build.backend=tensorrt-rtx", "build.opt_batch=8", "build.max_batch=16", "build.target_timeout=20",
+        "build.targets=" + json.dumps([{"gpu": t.split("=")[0], "work_pool": t.split("=")[1]} for t in targets])])
+    # Before the engines deployments exist, a run with targets stops at once, naming the fix.
+    refused = subprocess.run([str(BIN / "clip-fp8"), "run", "-o", str(tmp_path / "refused"), "--set",
+                              f"build.targets={json.dumps([config.build.targets[0].model_dump()])}"],
+                             env=deployed["env"], capture_output=True, text=True, timeout=300, cwd=deployed["home"])
+    assert refused.returncode == 2 and "no deployment 'clip-fp8-engines/gpu-a'" in refused.stderr
+    assert "clip-fp8 deploy --target 'GPU A=pool-a'" in refused.stderr
+    args = [str(BIN / "clip-fp8"), "deploy", "--work-pool", "test-pool", "--nightly-cron", "30 3 * * *",
+            "--timezone", "Europe/Berlin"]
+    out = subprocess.run([*args, *(a for t in targets for a in ("--target", t))], env=deployed["env"],
+                         capture_output=True, text=True, timeout=300, cwd=deployed["home"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    workers = []
+    try:
+        for pool in ("pool-a", "pool-b"):  # pool-c gets no worker
+            log = open(deployed["home"] / f"worker-{pool}.log", "w")
+            workers.append(subprocess.Popen(
+                [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process", "--name", f"worker-{pool}"],
+                env=deployed["env"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=deployed["home"]))
+        on_demand = _api(deployed, lambda c: c.read_deployment_by_name("clip-fp8/clip-fp8-on-demand"))
+        assert [t["work_pool"] for t in on_demand.parameters["config"]["build"]["targets"]] == ["pool-a", "pool-b", "pool-c"]
+        limit = _api(deployed, lambda c: c.read_global_concurrency_limit_by_name("gpu:GPU B"))
+        assert limit.limit == 1
+        parent = _api(deployed, lambda c: c.create_flow_run_from_deployment(
+            on_demand.id, parameters={"config": config.model_dump(mode="json")}))
+        parent = _wait_for_run(deployed, parent.id, timeout=300)
+        logs = "".join((deployed["home"] / f).read_text()[-2000:] for f in ("worker.log", "worker-pool-a.log"))
+        assert parent.state.is_completed(), (parent.state, logs)
+        runs = _api(deployed, lambda c: c.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id]))))
+        children = {slug: r for r in runs for slug in ("gpu-a", "gpu-b", "gpu-c") if r.name.endswith(slug)}
+        assert set(children) == {"gpu-a", "gpu-b", "gpu-c"}, list(children)
+        for slug, pool in (("gpu-a", "pool-a"), ("gpu-b", "pool-b")):  # built where the GPU type's workers are
+            run = children[slug]
+            assert run.state.is_completed() and run.work_pool_name == pool
+            assert run.labels["prefect.worker.name"] == f"worker-{pool}"
+        assert children["gpu-c"].state.is_cancelled()  # never picked up: not left queued for a later night
+
+        summary = json.loads(next((tmp_path / "out" / "runs").glob("*/summary.json")).read_text())
+        found = summary["targets"]
+        assert [found[g]["status"] for g in ("GPU A", "GPU B", "GPU C")] == ["completed", "completed", "pending"]
+        assert "no worker of pool 'pool-c'" in found["GPU C"]["reason"] and "within 20 s" in found["GPU C"]["reason"]
+        for gpu in ("GPU A", "GPU B"):
+            engines = {name: b["meta"]["target"]["gpu"] for b in found[gpu]["builds"] for name in b["meta"]["engines"]}
+            assert engines == dict.fromkeys(("fp16_text", "fp16_image", "fp8_text", "fp8_image"), gpu)
+        report = (tmp_path / "out" / "runs" / summary["run"] / "report.md").read_text()
+        sections = report.split("## Build target: ")[1:]
+        assert [section.splitlines()[0] for section in sections] == ["GPU A", "GPU B", "GPU C"]
+        for section in sections[:2]:
+            assert "### TensorRT engines" in section and "| fp8_image |" in section
+        assert "**pending**" in sections[2] and "### TensorRT engines" not in sections[2]
+    finally:
+        for worker in workers:
+            _stop(worker)
+        # The deployments the other tests run keep building where they run.
+        subprocess.run(args, env=deployed["env"], capture_output=True, timeout=300, cwd=deployed["home"], check=True)
+
+
 def test_prefect_yaml_deploys_with_prefect_deploy_all(server):
     # Last in this module: it redefines the deployments the tests above ran against, on pool "gpu".
     repo = Path(__file__).resolve().parent.parent
