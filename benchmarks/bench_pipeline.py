@@ -8,7 +8,8 @@ pairs at batch 512). It runs ``clip_fp8_pipeline`` itself, the Prefect flow with
 
 - ``cold``: an empty store;
 - ``requantize``: new calibration data (another seed), same model: only the FP8 side is recomputed;
-- ``unchanged``: the same parameters again, every stage from the cache.
+- ``unchanged``: the same parameters again, every stage from the cache;
+- ``reevaluate`` (ask for it with ``--runs``): another evaluation seed, so evaluate runs alone.
 
     python benchmarks/bench_pipeline.py --work /tmp/vitl --out pipeline.json [--calibration 8192] [--batch 512] \
         [--set evaluation.runtimes=[fakequant]] [--runs cold,requantize]
@@ -89,7 +90,7 @@ def main() -> None:
     parser.add_argument("--check-samples", type=int, default=4)
     parser.add_argument("--model", default="vit-l-14",
                         help="vit-l-14 (random weights, built here) or any model.source, e.g. embedded:tiny-clip-shapes")
-    parser.add_argument("--runs", default="cold,requantize,unchanged", help="which runs, in order")
+    parser.add_argument("--runs", default="cold,requantize,unchanged", help="which runs, in order (cold, requantize, unchanged, reevaluate)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="more PipelineConfig overrides, as `clip-fp8 run --set` takes them (repeatable)")
     args = parser.parse_args()
@@ -118,7 +119,10 @@ def main() -> None:
         meta["make_checkpoint_s"] = time.perf_counter() - t0
     runs: list[dict] = []
     variants = {"cold": config, "requantize": config.with_overrides(["calibration.seed=1"]),
-                "unchanged": config.with_overrides(["calibration.seed=1"])}
+                "unchanged": config.with_overrides(["calibration.seed=1"]),
+                # Only the evaluation changes: evaluate (baseline + fake-quant) runs alone, the sequential pipeline's
+                # evaluate step as it would take on this host.
+                "reevaluate": config.with_overrides(["calibration.seed=1", "evaluation.seed=2"])}
     for label in args.runs.split(","):
         run_once(label, variants[label], runs, args.out, meta)
     by = {r["run"]: r for r in runs}
