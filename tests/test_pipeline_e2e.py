@@ -277,20 +277,26 @@ def test_onnx_runtime_check_is_against_pytorch_and_fires_on_a_damaged_graph(firs
 
 
 def test_cli_gate_and_onnx_check_exit_2_naming_what_failed(first_run):
+    """One run, two guards firing in independent branches: the gate (judging fake-quant, so evaluate itself fails)
+    and the ONNX Runtime check. Exit 2, one error line, and the stage table names both."""
+    import os
     import re
     import subprocess
     import sys
 
     config, first = first_run
-    base = [sys.executable, "-m", "clip_fp8.cli", "run", "-o", config.output.root]
-    gate = subprocess.run([*base, "--set", 'evaluation.max_drop={"*": 0.0}'], capture_output=True, text=True, timeout=600)
-    assert gate.returncode == 2, gate.stderr[-2000:]
-    (line,) = [x for x in gate.stderr.splitlines() if x.startswith("error:")]
-    assert "quality gate failed" in line and "max_drop 0.0" in line
-    check = subprocess.run([*base, "--set", "export.min_cosine=0.99999"], capture_output=True, text=True, timeout=600)
-    assert check.returncode == 2, check.stderr[-2000:]
-    (line,) = [x for x in check.stderr.splitlines() if x.startswith("error:")]
-    assert re.search(r"fp(8|16)_(text|image): ONNX Runtime vs PyTorch cosine 0\.\d{4} < export\.min_cosine 0\.99999", line), line
+    run = subprocess.run([sys.executable, "-m", "clip_fp8.cli", "run", "-o", config.output.root,
+                          "--set", 'evaluation.max_drop={"*": 0.0}', "--set", "evaluation.gate_runtime=fakequant",
+                          "--set", "export.min_cosine=0.99999"],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "1000"})
+    assert run.returncode == 2, run.stderr[-2000:]
+    (line,) = [x for x in run.stderr.splitlines() if x.startswith("error:")]
+    gate = re.compile(r"quality gate failed.*max_drop 0\.0")
+    check = re.compile(r"fp(8|16)_(text|image): ONNX Runtime vs PyTorch cosine 0\.\d{4} < export\.min_cosine 0\.99999")
+    assert gate.search(line) or check.search(line), line
+    table = {row.split()[0]: row for row in run.stdout.splitlines() if row.split()[1:2] == ["failed"]}
+    assert gate.search(table["evaluate"]), table
+    assert any(check.search(row) for name, row in table.items() if name.startswith("surgery")), table
 
 
 # What ships, evaluated (issue 11): every runtime that can run here, beside the fake-quant model.
