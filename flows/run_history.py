@@ -51,13 +51,27 @@ def build_record(summary: dict[str, Any], config: PipelineConfig, calibration_di
         "onnx_bytes": {name: v.get("bytes") for name, v in (summary.get("onnx") or {}).items()},
         "engine_bytes": {name: e.get("engine_bytes") for name, e in ((summary.get("engines") or {}).get("engines") or {}).items()},
         "gpu": ((summary.get("engines") or {}).get("target") or {}).get("gpu"),
-        "benchmark": {"rows": [{"engine": row.get("engine"), "batch": row.get("batch"),
-                                "median_ms": row.get("latency_median_ms"), "p99_ms": row.get("latency_p99_ms")}
-                               for row in bench.get("rows", [])]},
+        "benchmark": {"rows": _latency_rows(bench)},
+        # The build matrix: each GPU type's engines timed on its own pool (flows/engines.py).
+        "targets": {gpu: {"status": t["status"], "benchmark": {"rows": _latency_rows((t.get("benchmark") or {}).get("meta"))}}
+                    for gpu, t in (summary.get("targets") or {}).items()},
         "status": summary["status"], "error": summary.get("error"), "promotable": bool(summary.get("promotable")),
         "unchanged": bool(summary.get("all_cached")),
         "regression": {"against": None, "reasons": []}, "promotion": None,
     }
+
+
+def _latency_rows(bench: dict | None) -> list[dict]:
+    return [{"engine": row.get("engine"), "batch": row.get("batch"), "median_ms": row.get("latency_median_ms"),
+             "p99_ms": row.get("latency_p99_ms")} for row in (bench or {}).get("rows", [])]
+
+
+def latency_by_gpu(record: dict[str, Any]) -> dict[str, list[dict]]:
+    """GPU type -> the record's timed rows: engines built where the run ran, and each build target's."""
+    timed = {gpu: t["benchmark"]["rows"] for gpu, t in (record.get("targets") or {}).items()}
+    if record.get("gpu"):
+        timed[record["gpu"]] = record.get("benchmark", {}).get("rows", [])
+    return timed
 
 
 def regression_reasons(record: dict[str, Any], promoted: dict[str, Any], config: PipelineConfig) -> list[str]:
@@ -70,13 +84,15 @@ def regression_reasons(record: dict[str, Any], promoted: dict[str, Any], config:
         drop, limit = then[metric] - now[metric], allowed_drop(metric, config.evaluation.max_drop)
         if drop > limit:
             reasons.append(f"{metric} {then[metric]:.4f} -> {now[metric]:.4f} (drop {drop:.4f} > max_drop {limit})")
-    if record.get("gpu") and record.get("gpu") == promoted.get("gpu"):
-        budget = config.promotion.max_latency_increase
-        before = {(r["engine"], r["batch"]): r["median_ms"] for r in promoted.get("benchmark", {}).get("rows", [])}
-        for row in record["benchmark"]["rows"]:
+    budget, then_timed = config.promotion.max_latency_increase, latency_by_gpu(promoted)
+    now_timed = latency_by_gpu(record)
+    for gpu, rows in now_timed.items():  # like with like: the same GPU type only
+        before = {(r["engine"], r["batch"]): r["median_ms"] for r in then_timed.get(gpu, [])}
+        on = f" on {gpu}" if len(now_timed) > 1 else ""
+        for row in rows:
             old = before.get((row["engine"], row["batch"]))
             if old and row["median_ms"] and row["median_ms"] > old * (1 + budget):
-                reasons.append(f"{row['engine']} batch {row['batch']} {old:.3f} -> {row['median_ms']:.3f} ms "
+                reasons.append(f"{row['engine']} batch {row['batch']}{on} {old:.3f} -> {row['median_ms']:.3f} ms "
                                f"(+{row['median_ms'] / old - 1:.1%} > max_latency_increase {budget:.0%})")
     return reasons
 

@@ -38,6 +38,15 @@ class Artifacts:
     torch_fp8: ArtifactRef | None = None
 
 
+def tensorrt_why_not(not_built: str | None, backend: str | None, device: str) -> str | None:
+    """Why engines (built, or yet to be built, by ``backend``) cannot be evaluated on ``device``."""
+    if not_built:
+        return f"no TensorRT engines: {not_built}"
+    if backend == "tensorrt-rtx":
+        return "TensorRT-RTX engines run on RTX GPUs only"
+    return None if device.startswith("cuda") else "TensorRT engines need a CUDA GPU"
+
+
 def unavailable(name: str, device: str, artifacts: Artifacts | None = None) -> str | None:
     """None when ``name`` can run here (and its artifact exists, where given); else the reason, one line."""
     if name not in RUNTIMES:
@@ -55,12 +64,9 @@ def unavailable(name: str, device: str, artifacts: Artifacts | None = None) -> s
     if name == "tensorrt":
         if artifacts is None or artifacts.engines is None:
             return "no TensorRT engines were built"
-        if reason := artifacts.engines.meta.get("skip_reason"):
-            return f"no TensorRT engines: {reason}"
-        if artifacts.engines.meta.get("target", {}).get("backend") == "tensorrt-rtx":
-            return "TensorRT-RTX engines run on RTX GPUs only"
-        if not device.startswith("cuda"):
-            return "TensorRT engines need a CUDA GPU"
+        meta = artifacts.engines.meta
+        if why := tensorrt_why_not(meta.get("skip_reason"), meta.get("target", {}).get("backend"), device):
+            return why
     if artifacts is not None:
         needed = {"fakequant": artifacts.quantized, "onnxruntime": artifacts.onnx, "torch-fp8": artifacts.torch_fp8}
         if name in needed and needed[name] is None:
@@ -74,13 +80,7 @@ def resolve_gate_runtime(cfg: EvaluationConfig, device: str, target) -> str:
     read off the build target, whose engines do not exist yet). A named runtime that cannot run is refused."""
 
     def why_not(name: str) -> str | None:
-        if name != "tensorrt":
-            return unavailable(name, device)
-        if target.unavailable:
-            return f"no TensorRT engines: {target.unavailable}"
-        if target.backend == "tensorrt-rtx":
-            return "TensorRT-RTX engines run on RTX GPUs only"
-        return None if device.startswith("cuda") else "TensorRT engines need a CUDA GPU"
+        return unavailable(name, device) if name != "tensorrt" else tensorrt_why_not(target.unavailable, target.backend, device)
 
     if cfg.gate_runtime != "auto":
         if why := why_not(cfg.gate_runtime):

@@ -220,6 +220,12 @@ def test_latency_regression_needs_the_same_gpu_and_the_budget_exceeded():
     (reason,) = regression_reasons(record(110.0), promoted, config)
     assert "fp8_image batch 128 100.000 -> 110.000 ms (+10.0% > max_latency_increase 5%)" == reason
     assert regression_reasons(record(110.0, gpu="NVIDIA L40S"), promoted, config) == []
+    # The build matrix: each target's timings against the same GPU type's, whichever pool built the promoted run's.
+    matrix = {"metrics": {"fp8": {}}, "gpu": None, "benchmark": {"rows": []}, "targets": {
+        "NVIDIA H100": {"status": "completed", "benchmark": {"rows": [{"engine": "fp8_image", "batch": 128, "median_ms": 120.0}]}},
+        "NVIDIA L40S": {"status": "completed", "benchmark": {"rows": [{"engine": "fp8_image", "batch": 128, "median_ms": 900.0}]}}}}
+    (reason,) = regression_reasons(matrix, promoted, config)
+    assert reason.startswith("fp8_image batch 128 on NVIDIA H100 100.000 -> 120.000 ms (+20.0%")
 
 
 def test_promotion_settings_are_checked():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -124,7 +125,9 @@ def test_hosts_sharing_only_the_bucket_compute_each_artifact_once_reuse_it_and_s
     assert not fs.glob("models/two-hosts/locks/*.lock")
 
     # A third host, its disk empty, the same parameters: everything comes from the bucket, and it downloads only
-    # what the report reads (never a graph).
+    # what the report reads (never a graph). Hosts a and b's disks are not its disk: their local copies go.
+    for h in "ab":
+        shutil.rmtree(tmp_path / f"host-{h}" / "cache")
     third = run_on_host(tmp_path / "host-e", s3_endpoint, url)
     assert [third["stages"][s]["status"] for s in STAGES] == ["cached"] * len(STAGES)
     assert third["metrics"] == summaries[0]["metrics"] and third["all_cached"]
