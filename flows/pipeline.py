@@ -115,14 +115,13 @@ def clip_fp8_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
                                                  wait_for=[last(s, "audit")])
             s["surgery_fp8"] = surgery_task.submit("fp8", s["export_fp8"], model_source, last(s, "quantize"),
                                                    s["calibration_data"], data_source, m, x, config.build, store=store)
+            if not config.build.targets:
+                s["build_fp8"] = build_task.submit(s["surgery_fp8"], config.build, target, store=store)
             s["torch_fp8"] = torch_fp8_task.submit(last(s, "quantize"), m, store=store, wait_for=[last(s, "audit")])
             targets: dict[str, PrefectFuture] = {}
-            if config.build.targets:  # one engines run per GPU type, each on its own pool (flows/engines.py)
-                for t in config.build.targets:
-                    targets[t.gpu] = engines_on_target.submit(t, [s["surgery_fp16"], s["surgery_fp8"]], model_source,
-                                                              s["torch_fp8"], config)
-            else:
-                s["build_fp8"] = build_task.submit(s["surgery_fp8"], config.build, target, store=store)
+            for t in config.build.targets:  # one engines run per GPU type, each on its own pool (flows/engines.py)
+                targets[t.gpu] = engines_on_target.submit(t, [s["surgery_fp16"], s["surgery_fp8"]], model_source,
+                                                          s["torch_fp8"], config)
             e = config.evaluation
             s["evaluate_deployed"] = evaluate_deployed_task.submit(
                 last(s, "evaluate"), model_source, s["surgery_fp8"], s.get("build_fp8"), s["torch_fp8"], eval_source, m,
