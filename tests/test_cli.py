@@ -52,11 +52,18 @@ def test_version_help_and_schema_in_a_pipe():
     assert json.loads(cli("schema").stdout)["title"] == "PipelineConfig"
 
 
+@pytest.fixture(scope="module")
+def shared_root(tmp_path_factory):
+    """One output root for this module's pipeline runs: whichever runs second finds the stages the two have in
+    common (the FP16 branch, calibration) in the cache. Each test holds in either order."""
+    return tmp_path_factory.mktemp("cli-runs") / "out"
+
+
 @pytest.mark.slow
-def test_ctrl_c_stops_within_seconds_leaves_nothing_and_the_same_command_resumes(tmp_path):
+def test_ctrl_c_stops_within_seconds_leaves_nothing_and_the_same_command_resumes(tmp_path, shared_root):
     """SIGINT in the middle of a stage: one line naming the stage, exit 130 within 15 s, no lock, no staging
     or scratch directory; the same command then resumes from what was published, with a quiet console."""
-    root, scratch = tmp_path / "out", tmp_path / "tmp"
+    root, scratch = shared_root, tmp_path / "tmp"
     scratch.mkdir()
     env = {**os.environ, "TMPDIR": str(scratch)}
     args = [*CLI, "run", "-o", str(root), *SMALL]
@@ -98,8 +105,8 @@ def test_ctrl_c_stops_within_seconds_leaves_nothing_and_the_same_command_resumes
 
 
 @pytest.mark.slow
-def test_a_failing_stage_prints_the_table_one_error_line_and_the_report(tmp_path):
-    result = cli("run", "-o", str(tmp_path / "out"), *SMALL, "--set", "quantization.exclude=['*patch_embedding*', '*nope*']",
+def test_a_failing_stage_prints_the_table_one_error_line_and_the_report(shared_root):
+    result = cli("run", "-o", str(shared_root), *SMALL, "--set", "quantization.exclude=['*patch_embedding*', '*nope*']",
                  timeout=600)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
@@ -108,6 +115,6 @@ def test_a_failing_stage_prints_the_table_one_error_line_and_the_report(tmp_path
     assert "quantize          failed" in result.stdout and "audit             not run" in result.stdout
     (report,) = [line for line in result.stderr.splitlines() if line.startswith("report: ")]
     assert Path(report.removeprefix("report: ")).is_file()
-    verbose = cli("run", "-o", str(tmp_path / "out"), *SMALL, "--verbose",
+    verbose = cli("run", "-o", str(shared_root), *SMALL, "--verbose",
                   "--set", "quantization.exclude=['*patch_embedding*', '*nope*']", timeout=600)
     assert verbose.returncode == 2 and "Traceback" in verbose.stderr  # Prefect's, for whoever asks

@@ -55,7 +55,8 @@ def server(tmp_path_factory):
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
-           "PREFECT_LOGGING_LEVEL": "WARNING"}
+           "PREFECT_LOGGING_LEVEL": "WARNING",
+           "PREFECT_WORKER_QUERY_SECONDS": "2"}  # workers poll every 2 s, not 10: each run is picked up sooner
     log = open(home / "server.log", "w")
     proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -69,11 +70,11 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def deployed(server):
-    for _ in range(2):  # idempotent: the second call changes nothing and does not fail
-        out = subprocess.run([str(BIN / "clip-fp8"), "deploy", "--work-pool", "test-pool", "--nightly-cron", "30 3 * * *",
-                              "--timezone", "Europe/Berlin", "--gpu-name", "NVIDIA H100 80GB HBM3"],
-                             env=server["env"], capture_output=True, text=True, timeout=300, cwd=server["home"])
-        assert out.returncode == 0, out.stderr[-3000:]
+    # Idempotent: the build-matrix and alert tests deploy again onto the same pool and deployments.
+    out = subprocess.run([str(BIN / "clip-fp8"), "deploy", "--work-pool", "test-pool", "--nightly-cron", "30 3 * * *",
+                          "--timezone", "Europe/Berlin", "--gpu-name", "NVIDIA H100 80GB HBM3"],
+                         env=server["env"], capture_output=True, text=True, timeout=300, cwd=server["home"])
+    assert out.returncode == 0, out.stderr[-3000:]
     log = open(server["home"] / "worker.log", "w")
     worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "test-pool", "--type", "process"],
                               env=server["env"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -102,7 +103,7 @@ def _wait_for_run(server, flow_run_id, timeout: float = 600):
         run = _api(server, lambda c: c.read_flow_run(flow_run_id))
         if run.state and run.state.is_final():
             return run
-        time.sleep(3)
+        time.sleep(1)
     raise TimeoutError(f"flow run {flow_run_id} did not finish")
 
 
@@ -132,8 +133,15 @@ def test_nightly_schedule_and_gpu_limit_are_registered(deployed):
     assert defs["CalibrationConfig"]["properties"]["num_samples"]["description"]
 
 
-def test_runs_triggered_from_cli_and_api_complete_with_report(deployed, tmp_path):
-    params = {"config": _small_config(tmp_path / "out")}
+@pytest.fixture(scope="module")
+def shared_root(tmp_path_factory):
+    """One output root for the on-demand runs and the build matrix's: the matrix run finds quantization,
+    evaluation and export in the cache. Each test holds in either order."""
+    return tmp_path_factory.mktemp("on-demand") / "out"
+
+
+def test_runs_triggered_from_cli_and_api_complete_with_report(deployed, shared_root):
+    params = {"config": _small_config(shared_root)}
     out = subprocess.run([str(BIN / "prefect"), "deployment", "run", "clip-fp8/clip-fp8-on-demand",
                           "--params", json.dumps(params)], env=deployed["env"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -153,8 +161,7 @@ def test_runs_triggered_from_cli_and_api_complete_with_report(deployed, tmp_path
     second = _api(deployed, lambda c: c.create_flow_run_from_deployment(deployment.id, parameters=params))
     second = _wait_for_run(deployed, second.id)
     assert second.state.is_completed()
-    summaries = sorted((tmp_path / "out" / "runs").glob("*/summary.json"), key=lambda p: p.stat().st_mtime)
-    latest = json.loads(summaries[-1].read_text())
+    latest = json.loads(next((shared_root / "runs").glob(f"*-{second.name}/summary.json")).read_text())
     assert latest["all_cached"] is True
     assert all(s["status"] in ("cached", "skipped") for s in latest["stages"].values())
 
@@ -386,21 +393,25 @@ def test_a_models_file_gives_one_run_per_model_and_one_table(deployed, tmp_path)
     assert bad.stderr.startswith(f"error: models file {models}: models.0.revison: ")
 
 
-def test_build_matrix_builds_on_each_gpu_pool_and_reports_a_missing_one_pending(deployed, tmp_path):
+def test_build_matrix_builds_on_each_gpu_pool_and_reports_a_missing_one_pending(deployed, tmp_path, shared_root):
     """`build.targets`: one engines run per GPU type on its own pool's worker (TensorRT-RTX builds on the CPU), one
     report with a table per target, and a target whose pool has no worker reported pending after its timeout."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 
     targets = ["GPU A=pool-a", "GPU B=pool-b", "GPU C=pool-c"]
-    config = PipelineConfig.model_validate(_small_config(tmp_path / "out")).with_overrides([
+    config = PipelineConfig.model_validate(_small_config(shared_root)).with_overrides([
         "build.backend=tensorrt-rtx", "build.opt_batch=8", "build.max_batch=16", "build.target_timeout=20",
         "build.targets=" + json.dumps([{"gpu": t.split("=")[0], "work_pool": t.split("=")[1]} for t in targets])])
-    # Before the engines deployments exist, a run with targets stops at once, naming the fix.
-    refused = subprocess.run([str(BIN / "clip-fp8"), "run", "-o", str(tmp_path / "refused"), "--set",
-                              f"build.targets={json.dumps([config.build.targets[0].model_dump()])}"],
-                             env=deployed["env"], capture_output=True, text=True, timeout=300, cwd=deployed["home"])
-    assert refused.returncode == 2 and "no deployment 'clip-fp8-engines/gpu-a'" in refused.stderr
-    assert "clip-fp8 deploy --target 'GPU A=pool-a'" in refused.stderr
+    # Before the engines deployments exist, a run with targets stops before any stage, naming the fix.
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from clip_fp8.errors import PipelineInputError
+    from clip_fp8.flows.engines import check_targets
+
+    with temporary_settings(updates={PREFECT_API_URL: deployed["env"]["PREFECT_API_URL"]}):
+        with pytest.raises(PipelineInputError, match=r"no deployment 'clip-fp8-engines/gpu-a' for GPU type 'GPU A'.*"
+                                                     r"create it with `clip-fp8 deploy --target 'GPU A=pool-a'`"):
+            check_targets(config.build)
     args = [str(BIN / "clip-fp8"), "deploy", "--work-pool", "test-pool", "--nightly-cron", "30 3 * * *",
             "--timezone", "Europe/Berlin"]
     out = subprocess.run([*args, *(a for t in targets for a in ("--target", t))], env=deployed["env"],
@@ -432,14 +443,14 @@ def test_build_matrix_builds_on_each_gpu_pool_and_reports_a_missing_one_pending(
             assert run.labels["prefect.worker.name"] == f"worker-{pool}"
         assert children["gpu-c"].state.is_cancelled()  # never picked up: not left queued for a later night
 
-        summary = json.loads(next((tmp_path / "out" / "runs").glob("*/summary.json")).read_text())
+        summary = json.loads(next((shared_root / "runs").glob(f"*-{parent.name}/summary.json")).read_text())
         found = summary["targets"]
         assert [found[g]["status"] for g in ("GPU A", "GPU B", "GPU C")] == ["completed", "completed", "pending"]
         assert "no worker of pool 'pool-c'" in found["GPU C"]["reason"] and "within 20 s" in found["GPU C"]["reason"]
         for gpu in ("GPU A", "GPU B"):
             engines = {name: b["meta"]["target"]["gpu"] for b in found[gpu]["builds"] for name in b["meta"]["engines"]}
             assert engines == dict.fromkeys(("fp16_text", "fp16_image", "fp8_text", "fp8_image"), gpu)
-        report = (tmp_path / "out" / "runs" / summary["run"] / "report.md").read_text()
+        report = (shared_root / "runs" / summary["run"] / "report.md").read_text()
         sections = report.split("## Build target: ")[1:]
         assert [section.splitlines()[0] for section in sections] == ["GPU A", "GPU B", "GPU C"]
         for section in sections[:2]:
