@@ -29,7 +29,7 @@ from clip_fp8.artifacts import ArtifactRef, ArtifactStore
 from clip_fp8.config import BuildConfig, BuildTarget, PipelineConfig
 from clip_fp8.errors import BuildTargetError, PipelineInputError
 from clip_fp8.flows.stage_task import stage_results, stage_task
-from clip_fp8.flows.subruns import first_line, outcome_row
+from clip_fp8.flows.subruns import first_line, one_line, outcome_row
 from clip_fp8.tasks.benchmark import benchmark
 from clip_fp8.tasks.build import build
 from clip_fp8.tasks.tensorrt import Target, gpu_limit_name, resolve_target
@@ -104,7 +104,7 @@ def clip_fp8_engines(target: BuildTarget, repaired: list[ArtifactRef], model_sou
         outcome["status"] = "completed"
         return outcome
     except BaseException as exc:
-        outcome["error"] = f"{type(exc).__name__}: {first_line(str(exc))}"
+        outcome["error"] = one_line(exc)
         raise
     finally:
         create_table_artifact(key=ENGINES_OUTCOME, table=[outcome],

@@ -46,6 +46,7 @@ from clip_fp8.flows.engines import benchmark_task, build_task, check_targets, en
 from clip_fp8.flows.report import plot_benchmark, plot_trend, render_markdown
 from clip_fp8.flows.run_history import record_run
 from clip_fp8.flows.stage_task import EXECUTIONS, REUSED, stage_results, stage_task
+from clip_fp8.flows.subruns import failure_of, one_line
 from clip_fp8.stage import reports_of
 from clip_fp8.tasks.audit import audit
 from clip_fp8.tasks.baseline_model import baseline_model
@@ -230,12 +231,11 @@ class RunRecord:
                 record["status"] = "skipped" if "skip_reason" in ref.meta else "cached" if cached else "completed"
                 record["note"] = ref.meta.get("skip_reason") or ref.meta.get("note", "")
             elif state.is_failed() or state.is_crashed():
-                exc = state.result(raise_on_failure=False)
-                exc = exc if isinstance(exc, BaseException) else RuntimeError(str(state.message))
+                exc = failure_of(state)
                 self.failures.append((label, exc))
                 # What a failing stage attached to its error (the gate table, the recovery attempts) goes in the report.
                 self.summary.setdefault("failure_markdown", []).extend(getattr(exc, "reports", {}).values())
-                record.update(status="failed", note=_one_line(exc))
+                record.update(status="failed", note=one_line(exc))
             else:  # an input stage failed, so this one never started
                 record["note"] = "an earlier stage it needs did not complete"
             self.summary["stages"][label] = record
@@ -251,11 +251,10 @@ class RunRecord:
             if future.state.is_completed():
                 result = future.state.result()
             else:
-                exc = future.state.result(raise_on_failure=False)
-                exc = exc if isinstance(exc, BaseException) else RuntimeError(str(future.state.message))
+                exc = failure_of(future.state)
                 self.failures.append((label, exc))
                 result = getattr(exc, "target_result", None) or {
-                    "gpu": gpu, "status": "failed" if future.state.is_failed() else "not run", "reason": _one_line(exc),
+                    "gpu": gpu, "status": "failed" if future.state.is_failed() else "not run", "reason": one_line(exc),
                     "builds": [], "benchmark": None}
             self.summary.setdefault("targets", {})[gpu] = result
             self.summary["stages"][label] = {"status": result["status"], "seconds": 0.0, "note": result.get("reason", "")}
@@ -330,7 +329,7 @@ class RunRecord:
         exist), or while waiting (an interrupt)."""
         label = "inputs" if not self.summary["stages"] else "(run)"
         self.summary["stages"].setdefault(label, {"status": "failed", "seconds": time.time() - self.started,
-                                                  "note": _one_line(exc)})
+                                                  "note": one_line(exc)})
         self.failures.append((label, exc))
 
     def raise_first_failure(self) -> None:
@@ -344,7 +343,7 @@ class RunRecord:
         """report.md, summary.json, links to every artifact (``artifacts/<stage>``) and ``runs/latest``."""
         s = self.summary
         if self.failures:
-            s["status"], s["error"] = "failed", _one_line(self.failures[0][1])
+            s["status"], s["error"] = "failed", one_line(self.failures[0][1])
             s["promotable"] = False
         s["all_cached"] = s["status"] == "completed" and all(
             r["status"] in ("cached", "skipped") for r in s["stages"].values())
@@ -376,7 +375,7 @@ class RunRecord:
         try:
             result = record_run(s, self.config, calibration.digest if calibration else None)
         except Exception as exc:  # noqa: BLE001 - the run's outcome stands; say why history is missing
-            s["history_error"] = _one_line(exc)
+            s["history_error"] = one_line(exc)
             print(f"history not recorded: {s['history_error']}")
             return
         record = result["record"]
@@ -405,8 +404,3 @@ def _replace_symlink(link: Path, target: str) -> None:
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(target)
     os.replace(tmp, link)  # a reader sees the old link or the new one
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"

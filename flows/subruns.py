@@ -14,6 +14,17 @@ def first_line(text: str | None) -> str:
     return lines[0] if lines else ""
 
 
+def one_line(exc: BaseException) -> str:
+    """An error as the run's tables show it: its type and its first line."""
+    return f"{type(exc).__name__}: {first_line(str(exc))}"
+
+
+def failure_of(state) -> BaseException:
+    """The exception a failed or crashed task state holds (a crash may hold only a message)."""
+    exc = state.result(raise_on_failure=False)
+    return exc if isinstance(exc, BaseException) else RuntimeError(str(state.message))
+
+
 def outcome_row(client, run_id, key: str) -> dict:
     """The one-row table artifact ``key`` that flow run ``run_id`` published, or {} if it got not that far."""
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
