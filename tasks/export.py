@@ -1,11 +1,14 @@
 """Stage export: ONNX graphs of the text and image encoders of one variant, FP16 (the baseline) or FP8.
 
-Both variants go through ModelOpt's ``get_onnx_bytes_and_metadata`` with ``weights_dtype="fp16"``:
-FP16 compute, for FP8 Q/DQ around every quantized op with weights stored in FP8 (DQ-only chains),
-dynamic batch axis; the baseline takes the same path so the engines compare like with like. The
-variants are separate stage runs: the FP16 graphs depend on the model alone, so new calibration data
+FP8 goes through ModelOpt's ``get_onnx_bytes_and_metadata`` with ``weights_dtype="fp16"``: FP16 compute,
+FP8 Q/DQ around every quantized op with weights stored in FP8 (DQ-only chains), dynamic batch axis. FP16 is
+the FP16 model traced by the same TorchScript exporter (``torch.onnx.export``, which ModelOpt calls), with
+no ModelOpt pass after it: on an unquantized model those passes are a graph-wide FP16 conversion
+(``modelopt.onnx.autocast``) that turns nothing more into FP16 than tracing the FP16 model does, and they
+were 60 % of the export's CPU time at ViT-L/14 (docs/benchmarks.md), time that ran beside the FP8 branch.
+The variants are separate stage runs: the FP16 graphs depend on the model alone, so new calibration data
 re-exports only the FP8 ones. Outputs are the raw exports; ``surgery`` makes them buildable. The graph
-output ``out`` is renamed to ``text_embeds``/``image_embeds`` so serving code binds by meaning.
+output is named ``text_embeds``/``image_embeds`` so serving code binds by meaning.
 
 An export is a traced forward, and two process-global switches are set while it runs: torch.onnx's
 "exporting" flag (which every fake-quant forward in the process reads) and ModelOpt's patched attention
@@ -37,7 +40,7 @@ Variant = Literal["fp16", "fp8"]
 
 
 def export_encoder(encoder, dummy, path: Path, opset: int) -> int:
-    """Export one encoder wrapper to ``path``; return the file size in bytes."""
+    """Export one encoder wrapper of a fake-quantized model through ModelOpt to ``path``; return its size in bytes."""
     import onnx
     from modelopt.torch._deploy.utils import OnnxBytes, get_onnx_bytes_and_metadata
 
@@ -55,6 +58,24 @@ def export_encoder(encoder, dummy, path: Path, opset: int) -> int:
         OnnxBytes.from_bytes(onnx_bytes).write_to_disk(scratch, clean_dir=True)
         model = onnx.load(str(Path(scratch) / f"{path.stem}.onnx"))
     rename_tensor(model, model.graph.output[0].name, encoder.output_name)
+    onnx.save(model, str(path))
+    return path.stat().st_size
+
+
+def export_fp16_encoder(encoder, dummy, path: Path, opset: int) -> int:
+    """Trace one encoder wrapper of the FP32 model, convert the graph to FP16 with the converter ModelOpt's FP8
+    export uses (onnxconverter-common, inputs and outputs included), write it to ``path``; return its size."""
+    import onnx
+    import torch
+    from onnxconverter_common.float16 import convert_float_to_float16
+
+    with scratch_directory(prefix="clip-fp8-export-") as scratch, torch.inference_mode():
+        traced = Path(scratch) / path.name
+        torch.onnx.export(encoder, (dummy,), str(traced), input_names=[encoder.input_name],
+                          output_names=[encoder.output_name], opset_version=opset, dynamo=False,
+                          dynamic_axes={encoder.input_name: {0: "batch"}, encoder.output_name: {0: "batch"}})
+        model = onnx.load(str(traced))
+    model = convert_float_to_float16(model, keep_io_types=False, disable_shape_infer=True)
     onnx.save(model, str(path))
     return path.stat().st_size
 
@@ -79,13 +100,16 @@ def export_graphs(variant: str, encoders: tuple[str, ...], baseline_path: str, c
     from clip_fp8.encoders import ImageEncoder, TextEncoder
 
     model = load_variant(variant, baseline_path, checkpoint, model_cfg)
+    if variant == "fp16":
+        model = model.float()  # traced in FP32 (a valid graph; a traced FP16 one mixes types), converted after
+    export_one = export_fp16_encoder if variant == "fp16" else export_encoder
     sizes = {}
     for encoder_name in encoders:
         torch.manual_seed(0)
         dummy = dummy_inputs(model, cfg.export_batch_size)[encoder_name]
         wrapper = TextEncoder(model) if encoder_name == "text" else ImageEncoder(model)
         name = f"{variant}_{encoder_name}.onnx"
-        sizes[name] = export_encoder(wrapper.eval(), dummy, out_dir / name, cfg.opset)
+        sizes[name] = export_one(wrapper.eval(), dummy, out_dir / name, cfg.opset)
     return sizes
 
 
