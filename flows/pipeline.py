@@ -16,8 +16,11 @@ one more per attempt (labelled ``quantize~1``, ``quantize~2``, ...), then ``reco
 decides; export[fp8] takes the last attempt's checkpoint.
 
 The FP16 branch depends on the model alone: it starts at once and is served from the cache when only
-calibration changes. Locators (model, data, evaluation sets, build target) are resolved before any stage
-starts, so a path that does not exist stops the run at once. A stage that fails stops only what depends
+calibration changes. On a GPU host two things start with the run that are not stages: ModelOpt's FP8
+CUDA kernels build (``build-fp8-kernels``, once per host) beside calibration instead of inside the first
+FP8 forward, and this process's torch CPU threads are bounded so that the stages running here side by
+side leave cores to the export workers (``bound_flow_threads``). Locators (model, data, evaluation sets,
+build target) are resolved before any stage starts, so a path that does not exist stops the run at once. A stage that fails stops only what depends
 on it; the other branches finish, the report shows every stage, and then the run fails with the first
 failure. The flow's one parameter is ``PipelineConfig``, so the Prefect UI renders its sections,
 defaults and descriptions as the run form.
@@ -33,7 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from prefect import allow_failure, flow
+from prefect import allow_failure, flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
@@ -47,6 +50,7 @@ from clip_fp8.flows.report import plot_benchmark, plot_trend, render_markdown
 from clip_fp8.flows.run_history import record_run
 from clip_fp8.flows.stage_task import EXECUTIONS, REUSED, stage_results, stage_task
 from clip_fp8.flows.subruns import failure_of, one_line
+from clip_fp8.imports import preload
 from clip_fp8.stage import reports_of
 from clip_fp8.tasks.audit import audit
 from clip_fp8.tasks.baseline_model import baseline_model
@@ -57,7 +61,7 @@ from clip_fp8.tasks.eval_datasets import resolve_eval_source
 from clip_fp8.tasks.evaluate import evaluate
 from clip_fp8.tasks.evaluate_deployed import evaluate_deployed
 from clip_fp8.tasks.export import export
-from clip_fp8.tasks.quantize import quantize
+from clip_fp8.tasks.quantize import build_fp8_kernels, quantize
 from clip_fp8.tasks.recovery import exclusion_reasons, plan, recovery
 from clip_fp8.tasks.runtimes import resolve_gate_runtime
 from clip_fp8.tasks.sensitivity import sensitivity
@@ -81,6 +85,32 @@ export_task = stage_task(export, retries=1)
 surgery_task = stage_task(surgery)
 
 
+def bound_flow_threads(device: str) -> int | None:
+    """On a GPU host, this process's torch CPU threads to a quarter of the cores; returns the new count.
+
+    Stages run here in threads side by side (calibration beside the baseline, quantize's preprocessing beside
+    the FP16 export workers and ModelOpt's kernel build, evaluate and torch_fp8 beside the FP8 export), and each
+    thread that calls a torch CPU op gets a team of one OpenMP thread per core. At ViT-L/14 on a 16-core H200
+    host this process kept 15 of 16 cores busy through quantize, which took 75.6 s (22.9 s alone, at 3.6 cores),
+    while the kernel build and the export workers beside it starved: the teams spin-wait for threads the other
+    processes hold. With this bound quantize took 27.6 s beside them (docs/benchmarks.md). On a GPU the stages' math is on the device; their CPU work is image preprocessing. A CPU
+    run does its math here and keeps every core."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    threads = max(2, (os.cpu_count() or 1) // 4)
+    torch.set_num_threads(min(threads, torch.get_num_threads()))
+    return torch.get_num_threads()
+
+
+@task(name="build-fp8-kernels")
+def fp8_kernels_task() -> bool:
+    """Not a stage (no artifact, no cache key): a host-level build cache warmed while calibration runs."""
+    preload(build_fp8_kernels.__module__)  # ModelOpt imports transformers' lazy modules: one thread at a time
+    return build_fp8_kernels()
+
+
 @flow(name="clip-fp8", log_prints=True, validate_parameters=True, task_runner=ThreadPoolTaskRunner(max_workers=8))
 def clip_fp8_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
     """Quantize a CLIP checkpoint to FP8, check it, export and repair its encoders, build and time engines."""
@@ -97,6 +127,9 @@ def clip_fp8_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
         gate_runtime = resolve_gate_runtime(config.evaluation, pick_device(m), target)
         run.summary["gate_runtime"] = gate_runtime
         with stage_results(store):
+            # On a GPU, ModelOpt's FP8 kernels build beside calibration, not in the first FP8 forward (see there).
+            bound_flow_threads(pick_device(m))
+            kernels = fp8_kernels_task.submit() if pick_device(m).startswith("cuda") else None
             s: dict[str, PrefectFuture] = {}
             s["calibration_data"] = calibration_data_task.submit(data_source, config.calibration, store=store)
             s["baseline_model"] = baseline_model_task.submit(model_source, m, store=store)
@@ -134,6 +167,8 @@ def clip_fp8_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
                                                        wait_for=[allow_failure(f) for f in s.values()])
             run.settle(s)
             run.settle_targets(targets)
+            if kernels is not None:
+                kernels.wait()  # the stages that needed the kernels report their own failure
     except BaseException as exc:
         run.fail(exc)
         raise

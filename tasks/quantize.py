@@ -81,6 +81,20 @@ def quantizer_table(model) -> list[dict]:
     return rows
 
 
+def build_fp8_kernels() -> bool:
+    """Compile (the first time on a host) and load ModelOpt's FP8 fake-quant CUDA kernels; True if they loaded.
+
+    ModelOpt JIT-builds them (``torch.utils.cpp_extension``) on the first fake-quantized forward of a process
+    and keeps the build per host (``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``). Calibration
+    does not need them; evaluate, torch_fp8 and the FP8 export do, and on a fresh H200 host all three waited
+    53-64 s for that one build in the middle of a cold run (docs/benchmarks.md). Called when the run starts,
+    beside calibration, the build is done before they begin; a process that starts meanwhile waits on torch's
+    build lock and then loads it. Without CUDA ModelOpt skips it and this returns False."""
+    from modelopt.torch.quantization.extensions import get_cuda_ext_fp8
+
+    return get_cuda_ext_fp8() is not None
+
+
 def quantize(model_source: ArtifactRef, calibration: ArtifactRef, data_source: ArtifactRef, model_cfg: ModelConfig,
              calib_cfg: CalibrationConfig, cfg: QuantizationConfig, out_dir: Path,
              recovered: dict[str, str] | None = None) -> StageOutput:

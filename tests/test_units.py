@@ -240,3 +240,22 @@ def test_a_baseline_loaded_while_a_quantized_checkpoint_restores_stays_a_baselin
         thread.join()
     assert any(isinstance(m, TensorQuantizer) for m in loaded["fp8"].modules())
     assert not any(isinstance(m, TensorQuantizer) for m in loaded["baseline"].modules())
+
+
+def test_flow_threads_are_bounded_on_a_gpu_host_only():
+    """On a GPU host the flow's stages share the CPU with export workers: a quarter of the cores each
+    (at least 2); a CPU run does its math in this process and keeps every thread."""
+    import os
+
+    import torch
+
+    from clip_fp8.flows.pipeline import bound_flow_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(8)  # more than a quarter of this machine's cores, so the bound shows
+        assert bound_flow_threads("cpu") is None and torch.get_num_threads() == 8
+        expected = min(8, max(2, (os.cpu_count() or 1) // 4))
+        assert bound_flow_threads("cuda") == expected == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
