@@ -20,9 +20,9 @@ calibration changes. On a GPU host two things start with the run that are not st
 CUDA kernels build (``build-fp8-kernels``, once per host) beside calibration instead of inside the first
 FP8 forward, and this process's torch CPU threads are bounded so that the stages running here side by
 side leave cores to the export workers (``bound_flow_threads``). Locators (model, data, evaluation sets,
-build target) are resolved before any stage starts, so a path that does not exist stops the run at once. A stage that fails stops only what depends
-on it; the other branches finish, the report shows every stage, and then the run fails with the first
-failure. The flow's one parameter is ``PipelineConfig``, so the Prefect UI renders its sections,
+build target) are resolved before any stage starts, so a path that does not exist stops the run at once.
+A stage that fails stops only what depends on it; the other branches finish, the report shows every
+stage, and then the run fails with the first failure. The flow's one parameter is ``PipelineConfig``, so the Prefect UI renders its sections,
 defaults and descriptions as the run form.
 """
 
