@@ -78,15 +78,20 @@ def download_dir(uri: str, local: Path) -> Path:
 
 # Private directories in use by this process (staging, export scratch). An interrupted CLI run exits without
 # unwinding the stage threads that own them, so it removes them here (``remove_scratch``) before it exits.
+# Once they are removed no new one is made: the stage threads run on until the process exits, and a
+# directory one of them made meanwhile (the next graph's export) was left behind.
 _SCRATCH: set[Path] = set()
 _SCRATCH_LOCK = threading.Lock()
+_SCRATCH_CLOSED = threading.Event()
 
 
 @contextmanager
 def scratch_directory(parent: Path | None = None, prefix: str = "clip-fp8-") -> Iterator[Path]:
     """A new empty directory (under ``parent``, else the system temp dir), removed on leaving the block."""
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     with _SCRATCH_LOCK:
+        if _SCRATCH_CLOSED.is_set():
+            raise RuntimeError("this process is stopping (interrupted): no new scratch directory")
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
         _SCRATCH.add(path)
     try:
         yield path
@@ -97,8 +102,9 @@ def scratch_directory(parent: Path | None = None, prefix: str = "clip-fp8-") -> 
 
 
 def remove_scratch() -> list[Path]:
-    """Remove every scratch directory this process still has (an interrupt); return them."""
+    """Remove every scratch directory this process still has and refuse new ones (an interrupt); return them."""
     with _SCRATCH_LOCK:
+        _SCRATCH_CLOSED.set()
         paths = sorted(_SCRATCH)
         _SCRATCH.clear()
     for path in paths:

@@ -48,6 +48,10 @@ def quiet_libraries() -> None:
         return
     warnings.filterwarnings("ignore")
     warnings.filterwarnings("default", module=r"clip_fp8(\.|$)")
+    # The FP16 export calls torch's TorchScript exporter on purpose (ModelOpt's FP8 export calls the same one);
+    # torch attributes its deprecation notice to that call site, one of ours.
+    warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export",
+                            category=DeprecationWarning)
     for handler in logging.getLogger().handlers:  # Prefect's console handler sits on the root logger
         if not any(isinstance(f, _ConsoleFilter) for f in handler.filters):
             handler.addFilter(_ConsoleFilter())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -259,3 +260,25 @@ def test_flow_threads_are_bounded_on_a_gpu_host_only():
         assert bound_flow_threads("cuda") == expected == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def test_after_an_interrupt_removes_the_scratch_directories_no_new_one_is_made(tmp_path):
+    """The interrupted CLI removes its scratch directories, then stops its server and exits while the stage
+    threads run on: a directory one of them made meanwhile (the next graph's export) was left behind."""
+    import subprocess
+    import sys
+
+    code = """
+from clip_fp8.artifacts import remove_scratch, scratch_directory
+with scratch_directory(prefix="clip-fp8-first-"):
+    assert len(remove_scratch()) == 1
+    try:
+        with scratch_directory(prefix="clip-fp8-next-"):
+            raise SystemExit("made a scratch directory after the interrupt")
+    except RuntimeError as exc:
+        print(exc)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert done.returncode == 0 and "interrupted" in done.stdout, done.stdout + done.stderr
+    assert list(tmp_path.iterdir()) == []
