@@ -246,8 +246,6 @@ def test_a_baseline_loaded_while_a_quantized_checkpoint_restores_stays_a_baselin
 def test_flow_threads_are_bounded_on_a_gpu_host_only():
     """On a GPU host the flow's stages share the CPU with export workers: a quarter of the cores each
     (at least 2); a CPU run does its math in this process and keeps every thread."""
-    import os
-
     import torch
 
     from clip_fp8.flows.pipeline import bound_flow_threads
