@@ -22,8 +22,8 @@ FP8 forward, and this process's torch CPU threads are bounded so that the stages
 side leave cores to the export workers (``bound_flow_threads``). Locators (model, data, evaluation sets,
 build target) are resolved before any stage starts, so a path that does not exist stops the run at once.
 A stage that fails stops only what depends on it; the other branches finish, the report shows every
-stage, and then the run fails with the first failure. The flow's one parameter is ``PipelineConfig``, so the Prefect UI renders its sections,
-defaults and descriptions as the run form.
+stage, and then the run fails with the first failure. The flow's one parameter is ``PipelineConfig``,
+so the Prefect UI renders its sections, defaults and descriptions as the run form.
 """
 
 from __future__ import annotations
@@ -93,8 +93,9 @@ def bound_flow_threads(device: str) -> int | None:
     thread that calls a torch CPU op gets a team of one OpenMP thread per core. At ViT-L/14 on a 16-core H200
     host this process kept 15 of 16 cores busy through quantize, which took 75.6 s (22.9 s alone, at 3.6 cores),
     while the kernel build and the export workers beside it starved: the teams spin-wait for threads the other
-    processes hold. With this bound quantize took 27.6 s beside them (docs/benchmarks.md). On a GPU the stages' math is on the device; their CPU work is image preprocessing. A CPU
-    run does its math here and keeps every core."""
+    processes hold. With this bound quantize took 27.6 s beside them (docs/benchmarks.md). On a GPU the
+    stages' math is on the device and their CPU work is image preprocessing; a CPU run does its math here
+    and keeps every core."""
     if not device.startswith("cuda"):
         return None
     import torch
@@ -124,12 +125,13 @@ def clip_fp8_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
         target = resolve_target(config.build) if not config.build.targets else Target(
             backend="none", unavailable="engines are built on the build targets' workers (build.targets)")
         m, x = config.model, config.export
-        gate_runtime = resolve_gate_runtime(config.evaluation, pick_device(m), target)
+        device = pick_device(m)
+        gate_runtime = resolve_gate_runtime(config.evaluation, device, target)
         run.summary["gate_runtime"] = gate_runtime
         with stage_results(store):
+            bound_flow_threads(device)
             # On a GPU, ModelOpt's FP8 kernels build beside calibration, not in the first FP8 forward (see there).
-            bound_flow_threads(pick_device(m))
-            kernels = fp8_kernels_task.submit() if pick_device(m).startswith("cuda") else None
+            kernels = fp8_kernels_task.submit() if device.startswith("cuda") else None
             s: dict[str, PrefectFuture] = {}
             s["calibration_data"] = calibration_data_task.submit(data_source, config.calibration, store=store)
             s["baseline_model"] = baseline_model_task.submit(model_source, m, store=store)

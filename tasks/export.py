@@ -2,10 +2,11 @@
 
 FP8 goes through ModelOpt's ``get_onnx_bytes_and_metadata`` with ``weights_dtype="fp16"``: FP16 compute,
 FP8 Q/DQ around every quantized op with weights stored in FP8 (DQ-only chains), dynamic batch axis. FP16 is
-the FP16 model traced by the same TorchScript exporter (``torch.onnx.export``, which ModelOpt calls), with
-no ModelOpt pass after it: on an unquantized model those passes are a graph-wide FP16 conversion
-(``modelopt.onnx.autocast``) that turns nothing more into FP16 than tracing the FP16 model does, and they
-were 60 % of the export's CPU time at ViT-L/14 (docs/benchmarks.md), time that ran beside the FP8 branch.
+the FP32 model traced by the same TorchScript exporter (``torch.onnx.export``, which ModelOpt calls) and
+converted by the same FP16 converter ModelOpt's FP8 path uses (onnxconverter-common), so both variants are
+FP16 graphs made the same way. ModelOpt's own path for an unquantized model is a graph-wide conversion
+(``modelopt.onnx.autocast``) that spent 27 of its 46 s on the ViT-L/14 text tower in repeated shape
+inference and size checks (docs/benchmarks.md), CPU time that ran beside the FP8 branch.
 The variants are separate stage runs: the FP16 graphs depend on the model alone, so new calibration data
 re-exports only the FP8 ones. Outputs are the raw exports; ``surgery`` makes them buildable. The graph
 output is named ``text_embeds``/``image_embeds`` so serving code binds by meaning.
