@@ -35,6 +35,10 @@ class ValidationError(PipelineError):
     """An exported graph failed its numeric check or the strongly typed pre-flight."""
 
 
+class ScaleTransferError(PipelineError):
+    """Calibrated scales cannot be written into an exported FP8 graph as ModelOpt would have written them."""
+
+
 class BuildTargetError(PipelineError):
     """A build target's engines run failed, or ran on a worker with another GPU type."""
 

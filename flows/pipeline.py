@@ -1,10 +1,10 @@
 """The clip-fp8 DAG, run by Prefect as a DAG: independent branches at the same time.
 
-    calibration_data ──► quantize ──► audit ──┬──► evaluate ───────────────────────────────┐
-                                              ├──► export[fp8] ──► surgery[fp8] ──► build[fp8] ──┴──► evaluate_deployed
-                                              └──► torch_fp8 ────────────────────────────────────┘        │
-    baseline_model                                                                                        ▼
-    export[fp16] ──► surgery[fp16] ──► build[fp16] ─────────────────────────────────────────────────► benchmark
+    calibration_data ──► quantize ──► audit ──┬──► evaluate ────────────────────────────────────────┐
+    export[fp8] ─────────────────────────────┼──► set_scales ──► surgery[fp8] ──► build[fp8] ──┴──► evaluate_deployed
+                                              └──► torch_fp8 ─────────────────────────────────────────────┘     │
+    baseline_model                                                                                             ▼
+    export[fp16] ──► surgery[fp16] ──► build[fp16] ──────────────────────────────────────────────────────► benchmark
 
 ``evaluate`` measures the baseline and the fake-quant model; ``evaluate_deployed`` measures what ships (ONNX
 Runtime on the repaired graphs, torch-fp8, TensorRT engines: each where it can run) and applies the quality
@@ -13,10 +13,11 @@ gate to the runtime that will be deployed (``evaluation.gate_runtime``, resolved
 With ``quantization.recovery`` on, export[fp8] waits for the gate: when it fails, ``sensitivity`` ranks
 the units and (``auto``) quantize → audit → evaluate run again with the most sensitive units in FP16,
 one more per attempt (labelled ``quantize~1``, ``quantize~2``, ...), then ``recovery`` tabulates and
-decides; export[fp8] takes the last attempt's checkpoint.
+decides; export[fp8] takes the last attempt's exclusions and set_scales its checkpoint.
 
-The FP16 branch depends on the model alone: it starts at once and is served from the cache when only
-calibration changes. On a GPU host two things start with the run that are not stages: ModelOpt's FP8
+Both exports depend on the model (and FP8 on the quantization settings), not on calibration: they start at
+once, and new calibration data re-runs only quantize and what reads its checkpoint (set_scales writes the new
+scales into the FP8 graphs: seconds, where exporting a ViT-L/14 image tower takes a minute). On a GPU host two things start with the run that are not stages: ModelOpt's FP8
 CUDA kernels build (``build-fp8-kernels``, once per host) beside calibration instead of inside the first
 FP8 forward, and this process's torch CPU threads are bounded so that the stages running here side by
 side leave cores to the export workers (``bound_flow_threads``). Locators (model, data, evaluation sets,
@@ -64,6 +65,7 @@ from clip_fp8.tasks.export import export
 from clip_fp8.tasks.quantize import build_fp8_kernels, quantize
 from clip_fp8.tasks.recovery import exclusion_reasons, plan, recovery
 from clip_fp8.tasks.runtimes import resolve_gate_runtime
+from clip_fp8.tasks.set_scales import set_scales
 from clip_fp8.tasks.sensitivity import sensitivity
 from clip_fp8.tasks.surgery import surgery
 from clip_fp8.tasks.tensorrt import Target, resolve_target
@@ -82,6 +84,7 @@ evaluate_task = stage_task(evaluate, retries=1)
 torch_fp8_task = stage_task(torch_fp8, retries=1)
 evaluate_deployed_task = stage_task(evaluate_deployed, retries=1)
 export_task = stage_task(export, retries=1)
+set_scales_task = stage_task(set_scales, retries=1)
 surgery_task = stage_task(surgery)
 
 
@@ -135,7 +138,9 @@ def clip_fp8_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
             s: dict[str, PrefectFuture] = {}
             s["calibration_data"] = calibration_data_task.submit(data_source, config.calibration, store=store)
             s["baseline_model"] = baseline_model_task.submit(model_source, m, store=store)
-            s["export_fp16"] = export_task.submit("fp16", model_source, None, m, x, store=store)
+            s["export_fp16"] = export_task.submit("fp16", model_source, m, None, x, store=store)
+            if config.quantization.recovery == "off":
+                s["export_fp8"] = export_task.submit("fp8", model_source, m, config.quantization, x, store=store)
             s["surgery_fp16"] = surgery_task.submit("fp16", s["export_fp16"], model_source, None, None, None, m, x,
                                                     config.build, store=store)
             if not config.build.targets:
@@ -146,10 +151,12 @@ def clip_fp8_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
             s["evaluate"] = evaluate_task.submit(model_source, s["quantize"], eval_source, m,
                                                  gate_config(config, gate_runtime), store=store, wait_for=[s["audit"]])
             if config.quantization.recovery != "off":
-                recover(s, config, model_source, data_source, eval_source, store, gate_runtime)
-            s["export_fp8"] = export_task.submit("fp8", model_source, last(s, "quantize"), m, x, store=store,
-                                                 wait_for=[last(s, "audit")])
-            s["surgery_fp8"] = surgery_task.submit("fp8", s["export_fp8"], model_source, last(s, "quantize"),
+                recovered = recover(s, config, model_source, data_source, eval_source, store, gate_runtime)
+                s["export_fp8"] = export_task.submit("fp8", model_source, m, config.quantization, x, recovered,
+                                                     store=store)
+            s["set_scales"] = set_scales_task.submit(s["export_fp8"], last(s, "quantize"), model_source, m, x,
+                                                     store=store, wait_for=[last(s, "audit")])
+            s["surgery_fp8"] = surgery_task.submit("fp8", s["set_scales"], model_source, last(s, "quantize"),
                                                    s["calibration_data"], data_source, m, x, config.build, store=store)
             if not config.build.targets:
                 s["build_fp8"] = build_task.submit(s["surgery_fp8"], config.build, target, store=store)
@@ -204,18 +211,19 @@ def _settled(future: PrefectFuture) -> ArtifactRef | None:
 
 
 def recover(s: dict[str, PrefectFuture], config: PipelineConfig, model_source: ArtifactRef, data_source: ArtifactRef,
-            eval_source: ArtifactRef, store: ArtifactStore, gate_runtime: str) -> None:
+            eval_source: ArtifactRef, store: ArtifactStore, gate_runtime: str) -> list[str]:
     """``quantization.recovery`` after a failed gate: rank the units (``sensitivity``); with ``auto``, quantize →
     audit → evaluate again with one more of the most sensitive units in FP16 per attempt, until the gate passes
-    or the FP16 budget is spent; then ``recovery`` decides. A stage that fails stops the attempts."""
+    or the FP16 budget is spent; then ``recovery`` decides. A stage that fails stops the attempts. Returns the
+    exclusions the last attempt added (what the FP8 export must leave out too)."""
     first = _settled(s["evaluate"])
     if first is None or first.meta["promotable"]:
-        return  # passed (or failed for another reason): nothing to recover, no sensitivity computed
+        return []  # passed (or failed for another reason): nothing to recover, no sensitivity computed
     q, m = config.quantization, config.model
     s["sensitivity"] = sensitivity_task.submit(model_source, s["quantize"], s["calibration_data"], data_source, m, q,
                                                q.sensitivity_samples, q.sensitivity_batch_size, store=store)
     if (ranked := _settled(s["sensitivity"])) is None:
-        return
+        return []
     evaluations, recovered = [s["evaluate"]], []
     if q.recovery == "auto":
         for unit in plan(json.loads(ranked.file("sensitivity").read_text()), q.max_fp16_fraction):
@@ -234,6 +242,7 @@ def recover(s: dict[str, PrefectFuture], config: PipelineConfig, model_source: A
     s["recovery"] = recovery_task.submit(s["sensitivity"], evaluations, [u["unit"] for u in recovered], q.recovery,
                                          q.max_fp16_fraction, list(q.exclude), config.evaluation.on_gate_failure,
                                          store=store)
+    return list(exclusion_reasons(recovered))  # the last attempt's, as its quantize took them
 
 
 class RunRecord:
@@ -344,9 +353,9 @@ class RunRecord:
             s["promotable"] = s["promotable"] and refs["recovery"].meta["passed"]
             s["recovery_markdown"] = reports_of(refs["recovery"]).get("recovery", "")
             s["artifacts"]["tradeoff_plot"] = refs["recovery"].location("tradeoff")
-        for variant in ("fp16", "fp8"):
-            if f"export_{variant}" in refs:
-                s["artifacts"][f"raw_onnx_{variant}"] = refs[f"export_{variant}"].uri or refs[f"export_{variant}"].path
+        for variant, raw in (("fp16", "export_fp16"), ("fp8", "set_scales")):  # the graphs surgery repairs
+            if raw in refs:
+                s["artifacts"][f"raw_onnx_{variant}"] = refs[raw].uri or refs[raw].path
             if f"surgery_{variant}" in refs:
                 ref = refs[f"surgery_{variant}"]
                 s.setdefault("onnx", {}).update(ref.meta["validation"])

@@ -1,15 +1,21 @@
 """Stage export: ONNX graphs of the text and image encoders of one variant, FP16 (the baseline) or FP8.
 
 FP8 goes through ModelOpt's ``get_onnx_bytes_and_metadata`` with ``weights_dtype="fp16"``: FP16 compute,
-FP8 Q/DQ around every quantized op with weights stored in FP8 (DQ-only chains), dynamic batch axis. FP16 is
-the FP32 model traced by the same TorchScript exporter (``torch.onnx.export``, which ModelOpt calls) and
-converted by the same FP16 converter ModelOpt's FP8 path uses (onnxconverter-common), so both variants are
+FP8 Q/DQ around every quantized op with weights stored in FP8 (DQ-only chains), dynamic batch axis. It exports
+the model quantized with the run's quantization settings but *placeholder* activation scales (one dummy batch,
+``quantize.quantize_placeholder``): the graph's structure and its FP8 weights depend on the model and those
+settings alone, so the FP8 export starts with the run beside calibration instead of after quantize, and new
+calibration data re-exports nothing. ``set_scales`` writes the checkpoint's calibrated scales into it. Each graph
+gets ``<graph>.amax.json``, the placeholder scales it was exported with, which ``set_scales`` checks its
+arithmetic against before it replaces them.
+FP16 is the FP32 model traced by the same TorchScript exporter (``torch.onnx.export``, which ModelOpt calls)
+and converted by the same FP16 converter ModelOpt's FP8 path uses (onnxconverter-common), so both variants are
 FP16 graphs made the same way. ModelOpt's own path for an unquantized model is a graph-wide conversion
 (``modelopt.onnx.autocast``) that spent 27 of its 46 s on the ViT-L/14 text tower in repeated shape
 inference and size checks (docs/benchmarks.md), CPU time that ran beside the FP8 branch.
-The variants are separate stage runs: the FP16 graphs depend on the model alone, so new calibration data
-re-exports only the FP8 ones. Outputs are the raw exports; ``surgery`` makes them buildable. The graph
-output is named ``text_embeds``/``image_embeds`` so serving code binds by meaning.
+The variants are separate stage runs keyed on the model (and, for FP8, the quantization settings), never on
+calibration. Outputs are the raw exports; ``surgery`` makes them buildable. The graph output is named
+``text_embeds``/``image_embeds`` so serving code binds by meaning.
 
 An export is a traced forward, and two process-global switches are set while it runs: torch.onnx's
 "exporting" flag (which every fake-quant forward in the process reads) and ModelOpt's patched attention
@@ -30,10 +36,10 @@ from typing import Literal
 
 from clip_fp8.artifacts import ArtifactRef, scratch_directory
 from clip_fp8.clip import CLIP_FORWARD_LOCK
-from clip_fp8.config import ExportConfig, ModelConfig
+from clip_fp8.config import ExportConfig, ModelConfig, QuantizationConfig
 from clip_fp8.errors import PipelineInputError
 from clip_fp8.stage import StageOutput
-from clip_fp8.tasks.checkpoints import load_variant
+from clip_fp8.tasks.checkpoints import load_clip, load_quantized
 
 VARIANTS = ("fp16", "fp8")
 ENCODERS = ("text", "image")
@@ -93,16 +99,28 @@ def dummy_inputs(model, batch: int):
     return {"text": ids, "image": pixels}
 
 
-def export_graphs(variant: str, encoders: tuple[str, ...], baseline_path: str, checkpoint: str | None,
-                  model_cfg: ModelConfig, cfg: ExportConfig, out_dir: Path) -> dict[str, int]:
-    """Load the variant's model once and export the given encoders (seeded dummy inputs)."""
+def export_graphs(variant: str, encoders: tuple[str, ...], baseline_path: str, model_cfg: ModelConfig,
+                  cfg: ExportConfig, out_dir: Path, checkpoint: str | None = None,
+                  placeholder: tuple[QuantizationConfig, list[str]] | None = None) -> dict[str, int]:
+    """Load the variant's model once and export the given encoders (seeded dummy inputs). FP8 is the quantized
+    ``checkpoint`` or, given ``placeholder`` (settings, recovered exclusions), the model quantized with
+    placeholder activation scales, whose values go beside each graph as ``<graph>.amax.json``."""
     import torch
 
     from clip_fp8.encoders import ImageEncoder, TextEncoder
+    from clip_fp8.tasks.quantize import quantize_placeholder, quantizer_table
 
-    model = load_variant(variant, baseline_path, checkpoint, model_cfg)
+    amax = None
     if variant == "fp16":
-        model = model.float()  # traced in FP32 (a valid graph; a traced FP16 one mixes types), converted after
+        model = load_clip(baseline_path, model_cfg).float()  # traced in FP32 (a traced FP16 graph mixes types)
+    elif placeholder is not None:
+        model = load_clip(baseline_path, model_cfg)
+        torch.manual_seed(0)
+        model = quantize_placeholder(model, *placeholder, dummy=dummy_inputs(model, cfg.export_batch_size))
+        amax = {"dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                "amax": {r["name"]: r["amax"] for r in quantizer_table(model) if r["enabled"]}}
+    else:
+        model = load_quantized(checkpoint, model_cfg)
     export_one = export_fp16_encoder if variant == "fp16" else export_encoder
     sizes = {}
     for encoder_name in encoders:
@@ -111,6 +129,8 @@ def export_graphs(variant: str, encoders: tuple[str, ...], baseline_path: str, c
         wrapper = TextEncoder(model) if encoder_name == "text" else ImageEncoder(model)
         name = f"{variant}_{encoder_name}.onnx"
         sizes[name] = export_one(wrapper.eval(), dummy, out_dir / name, cfg.opset)
+        if amax is not None:
+            (out_dir / f"{variant}_{encoder_name}.amax.json").write_text(json.dumps(amax, indent=1))
     return sizes
 
 
@@ -140,27 +160,31 @@ def export_workers(cfg: ExportConfig, parameters: int, memory: int | None = None
     return int(max(1, min(len(ENCODERS), cpus, by_memory)))
 
 
-def _parameters(model_path: str) -> int:
+def parameter_count(model_path: str) -> int:
     """~12 h^2 weights per transformer layer, summed over both towers: no need to load the model to decide."""
     config = json.loads((Path(model_path) / "config.json").read_text())
     return sum(12 * c.get("hidden_size", 0) ** 2 * c.get("num_hidden_layers", 0)
                for c in (config.get("text_config", {}), config.get("vision_config", {})))
 
 
-def export(variant: Variant, model_source: ArtifactRef, quantized: ArtifactRef | None, model_cfg: ModelConfig,
-           cfg: ExportConfig, out_dir: Path) -> StageOutput:
-    """Write ``<variant>_{text,image}.onnx`` into ``out_dir``; ``quantized`` is the FP8 checkpoint (None for fp16)."""
-    if (variant == "fp8") != (quantized is not None):
-        raise PipelineInputError(f"export variant '{variant}' {'needs' if variant == 'fp8' else 'takes no'} quantized checkpoint")
-    checkpoint = str(quantized.file("checkpoint")) if quantized is not None else None
-    workers = export_workers(cfg, _parameters(model_source.path))
+def export(variant: Variant, model_source: ArtifactRef, model_cfg: ModelConfig, quantization: QuantizationConfig | None,
+           cfg: ExportConfig, out_dir: Path, recovered: list[str] = ()) -> StageOutput:
+    """Write ``<variant>_{text,image}.onnx`` into ``out_dir``; FP8 takes the quantization settings (and the
+    exclusions recovery added), FP16 none, so that a change to them re-exports only the FP8 graphs."""
+    if (variant == "fp8") != (quantization is not None):
+        raise PipelineInputError(f"export variant '{variant}' {'needs' if variant == 'fp8' else 'takes no'} quantization settings")
+    placeholder = (quantization, list(recovered)) if quantization is not None else None
+    workers = export_workers(cfg, parameter_count(model_source.path))
     if workers == 1:
         with CLIP_FORWARD_LOCK:
-            sizes = export_graphs(variant, ENCODERS, model_source.path, checkpoint, model_cfg, cfg, out_dir)
+            sizes = export_graphs(variant, ENCODERS, model_source.path, model_cfg, cfg, out_dir, placeholder=placeholder)
     else:
-        sizes = export_in_processes(variant, model_source.path, checkpoint, model_cfg, cfg, out_dir)
-    return StageOutput(files={name.removesuffix(".onnx"): name for name in sizes},
-                       meta={"variant": variant, "bytes": sizes, "processes": 0 if workers == 1 else len(ENCODERS)})
+        sizes = export_in_processes(variant, model_source.path, model_cfg, cfg, out_dir, placeholder=placeholder)
+    files = {name.removesuffix(".onnx"): name for name in sizes}
+    if placeholder is not None:
+        files |= {f"{graph}.amax": f"{graph}.amax.json" for graph in list(files)}
+    return StageOutput(files=files, meta={"variant": variant, "bytes": sizes,
+                                          "processes": 0 if workers == 1 else len(ENCODERS)})
 
 
 # Export workers run at a lower CPU priority than the flow's process: measured on the H200 at ViT-L/14
@@ -193,16 +217,18 @@ def _share_cpus(threads: int, niceness: int) -> None:
     quiet_libraries()  # a quiet CLI run stays quiet in its export workers
 
 
-def export_in_processes(variant: str, baseline_path: str, checkpoint: str | None, model_cfg: ModelConfig,
-                        cfg: ExportConfig, out_dir: Path) -> dict[str, int]:
+def export_in_processes(variant: str, baseline_path: str, model_cfg: ModelConfig, cfg: ExportConfig, out_dir: Path,
+                        checkpoint: str | None = None,
+                        placeholder: tuple[QuantizationConfig, list[str]] | None = None) -> dict[str, int]:
     """Each graph in a spawned process of its own (spawn, not fork: a forked CUDA context is unusable)."""
     context = multiprocessing.get_context("spawn")
     # Both variants export at once beside the stages running in the parent: four exports and the parent.
     threads = max(1, (os.cpu_count() or 1) // (2 * len(ENCODERS) + 1))
+    source = {"checkpoint": checkpoint, "placeholder": placeholder}
     try:
         with ProcessPoolExecutor(max_workers=len(ENCODERS), mp_context=context, initializer=_share_cpus,
                                  initargs=(threads, EXPORT_NICENESS[variant])) as pool:
-            jobs = [pool.submit(export_graphs, variant, (e,), baseline_path, checkpoint, model_cfg, cfg, out_dir)
+            jobs = [pool.submit(export_graphs, variant, (e,), baseline_path, model_cfg, cfg, out_dir, **source)
                     for e in ENCODERS]
             return {name: size for job in jobs for name, size in job.result().items()}
     except BrokenProcessPool:
@@ -212,4 +238,4 @@ def export_in_processes(variant: str, baseline_path: str, checkpoint: str | None
             leftover.unlink()
         with ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_share_cpus,
                                  initargs=(threads, EXPORT_NICENESS[variant])) as pool:
-            return pool.submit(export_graphs, variant, ENCODERS, baseline_path, checkpoint, model_cfg, cfg, out_dir).result()
+            return pool.submit(export_graphs, variant, ENCODERS, baseline_path, model_cfg, cfg, out_dir, **source).result()

@@ -95,6 +95,27 @@ def build_fp8_kernels() -> bool:
     return get_cuda_ext_fp8() is not None
 
 
+def quantize_placeholder(model, cfg: QuantizationConfig, recovered: list[str], dummy: dict):
+    """The model quantized as ``quantize`` would (same config, same quantizers, the same weight scales: max
+    calibration of a weight is its largest magnitude) with activation scales from one dummy batch: what the
+    FP8 graph's structure and FP8 weights depend on, without the calibration data (``set_scales`` writes the
+    calibrated activation scales into its export). ``model``: the loaded baseline, quantized in place and returned.
+    The caller holds ``CLIP_FORWARD_LOCK`` or is a process of its own."""
+    import modelopt.torch.quantization as mtq
+    import torch
+
+    check_exclusions_match(model, cfg.exclude)
+    check_exclusions_match(model, recovered, "recovery")
+    register_quantized_attention(model)
+
+    def forward_loop(m) -> None:
+        with torch.no_grad():
+            m(input_ids=dummy["text"], pixel_values=dummy["image"])
+
+    mtq.quantize(model, fp8_quant_config(cfg, recovered), forward_loop)
+    return model
+
+
 def quantize(model_source: ArtifactRef, calibration: ArtifactRef, data_source: ArtifactRef, model_cfg: ModelConfig,
              calib_cfg: CalibrationConfig, cfg: QuantizationConfig, out_dir: Path,
              recovered: dict[str, str] | None = None) -> StageOutput:

@@ -57,7 +57,7 @@ def test_modules_import_only_their_own_layer_or_below():
 def test_stage_functions_are_plain_named_after_their_module_and_write_into_out_dir():
     stages = stage_functions()
     assert set(stages) == {f"{s}_task" for s in ("calibration_data", "baseline_model", "quantize", "audit", "evaluate",
-                                                 "export", "surgery", "build", "benchmark", "sensitivity", "recovery",
+                                                 "export", "set_scales", "surgery", "build", "benchmark", "sensitivity", "recovery",
                                                  "torch_fp8", "evaluate_deployed")}
     for fn in stages.values():
         assert fn.__module__ == f"clip_fp8.tasks.{stage_name(fn)}"
@@ -90,16 +90,19 @@ def _changed_stages(helper: str) -> set[str]:
 
 
 def test_editing_a_helper_rekeys_exactly_the_stages_that_import_it():
-    # onnx_passes: surgery repairs with it, export renames the output tensor with it (the drift that hid).
-    assert _changed_stages("clip_fp8.tasks.onnx_passes") == {"export", "surgery"}
+    # onnx_passes: surgery repairs with it, export renames the output tensor with it (the drift that hid), and
+    # set_scales through export (and the Q/DQ op names).
+    assert _changed_stages("clip_fp8.tasks.onnx_passes") == {"export", "set_scales", "surgery"}
     # tensorrt: build and benchmark directly, surgery through the pre-flight's logger, evaluate_deployed through
     # the runtimes (engines as a runtime).
     assert _changed_stages("clip_fp8.tasks.tensorrt") == {"build", "benchmark", "surgery", "evaluate_deployed"}
     # The torch-fp8 runtime: the stage that writes it, the one that evaluates it, the one that times it.
     assert _changed_stages("clip_fp8.fp8_runtime") == {"torch_fp8", "evaluate_deployed", "benchmark"}
-    # The calibration readers: the stage that selects, quantize and sensitivity that read batches, surgery's FP8 check.
+    # The calibration readers: the stage that selects, quantize and sensitivity that read batches, surgery's FP8 check;
+    # export and set_scales through the quantize module, whose placeholder quantization the FP8 export uses (a
+    # module is the unit of a key: more stages re-keyed than strictly need it, never fewer).
     assert _changed_stages("clip_fp8.tasks.calibration_sources") == {"calibration_data", "quantize", "sensitivity",
-                                                                     "surgery"}
+                                                                     "surgery", "export", "set_scales"}
     # The core module every stage builds on; and the errors module, which build has no use for.
     every = {stage_name(fn) for fn in stage_functions().values()}
     assert _changed_stages("clip_fp8.stage") == every
@@ -142,8 +145,8 @@ def _identities_with(site: Path | None) -> dict[str, str]:
 @pytest.mark.parametrize("distribution, stages", [
     ("clip-benchmark", {"evaluate", "evaluate_deployed"}),
     ("onnxruntime", {"surgery", "evaluate_deployed"}),
-    ("nvidia-modelopt", {"baseline_model", "quantize", "evaluate", "export", "surgery", "benchmark", "sensitivity",
-                         "torch_fp8", "evaluate_deployed"}),
+    ("nvidia-modelopt", {"baseline_model", "quantize", "evaluate", "export", "set_scales", "surgery", "benchmark",
+                         "sensitivity", "torch_fp8", "evaluate_deployed"}),
 ])
 def test_a_library_upgrade_rekeys_exactly_the_stages_that_import_it(tmp_path, distribution, stages):
     """What an upgrade changes for the key is the installed distribution's metadata: a copy of it with another

@@ -487,7 +487,8 @@ def test_two_simultaneous_runs_compute_each_artifact_once(tmp_path):
         assert proc.returncode == 0, err[-3000:]
     summaries = [json.loads(p.read_text()) for p in (root / "runs").glob("*/summary.json") if not p.parent.is_symlink()]
     assert len(summaries) == 2
-    for stage in ("calibration_data", "quantize", "evaluate", "export_fp16", "export_fp8", "surgery_fp16", "surgery_fp8"):
+    for stage in ("calibration_data", "quantize", "evaluate", "export_fp16", "export_fp8", "set_scales", "surgery_fp16",
+                  "surgery_fp8"):
         statuses = sorted(s["stages"][stage]["status"] for s in summaries)
         assert statuses == ["cached", "completed"], (stage, statuses)
     assert not list((root / "locks").glob("*.lock"))  # every lock released

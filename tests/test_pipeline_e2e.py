@@ -23,16 +23,16 @@ def first_run(tmp_path_factory):
 
 
 CPU_STAGES = ("calibration_data", "baseline_model", "quantize", "audit", "evaluate", "export_fp16", "export_fp8",
-              "surgery_fp16", "surgery_fp8", "torch_fp8", "evaluate_deployed")
+              "set_scales", "surgery_fp16", "surgery_fp8", "torch_fp8", "evaluate_deployed")
 ENGINE_STAGES = ("build_fp16", "build_fp8", "benchmark")
 
 
 def test_default_flow_completes_every_stage(first_run):
     config, summary = first_run
     assert summary["status"] == "completed"
-    assert list(summary["stages"]) == [*CPU_STAGES[:2], "export_fp16", "surgery_fp16", "build_fp16", "quantize", "audit",
-                                       "evaluate", "export_fp8", "surgery_fp8", "build_fp8", "torch_fp8",
-                                       "evaluate_deployed", "benchmark"]
+    assert list(summary["stages"]) == [*CPU_STAGES[:2], "export_fp16", "export_fp8", "surgery_fp16", "build_fp16",
+                                       "quantize", "audit", "evaluate", "set_scales", "surgery_fp8", "build_fp8",
+                                       "torch_fp8", "evaluate_deployed", "benchmark"]
     for name in CPU_STAGES:
         assert summary["stages"][name]["status"] == "completed", name
         assert summary["stages"][name]["seconds"] > 0
@@ -150,7 +150,7 @@ def test_adding_an_evaluation_dataset_reruns_only_evaluation_and_reports_both(fi
     changed = config.with_overrides([f"evaluation.datasets=[{{name: 'embedded:shapes'}}, {{name: wds/shapes, root: '{root}'}}]"])
     summary = clip_fp8_pipeline(changed)
     assert summary["stages"]["evaluate"]["status"] == "completed"
-    assert all(summary["stages"][name]["status"] == "cached" for name in ("quantize", "export_fp8", "surgery_fp8"))
+    assert all(summary["stages"][name]["status"] == "cached" for name in ("quantize", "set_scales", "surgery_fp8"))
     datasets = {metric.split("/zeroshot_")[0] for metric in summary["metrics"]["fp8"]}
     assert datasets == {"embedded:shapes", "wds/shapes"}
     report = Path(summary["artifacts"]["report"]).read_text()
@@ -165,7 +165,7 @@ def test_adding_an_evaluation_dataset_reruns_only_evaluation_and_reports_both(fi
 
 
 def test_independent_branches_overlap_in_time(first_run):
-    """The FP16 branch starts with the run, beside calibration; evaluate runs beside the FP8 export and
+    """Both exports start with the run, beside calibration; evaluate runs beside set_scales and the FP8
     surgery: read from the task runs Prefect recorded on the server, not from the flow's own notes."""
     import asyncio
     import time
@@ -186,29 +186,36 @@ def test_independent_branches_overlap_in_time(first_run):
         for r in asyncio.run(task_runs()):
             if r.start_time and r.end_time:
                 spans.setdefault(r.name.rsplit("-", 1)[0], []).append((r.start_time, r.end_time))
-        if len(spans.get("export", [])) == 2 and {"evaluate", "calibration_data"} <= spans.keys():
+        if len(spans.get("export", [])) == 2 and {"evaluate", "calibration_data", "set_scales"} <= spans.keys():
             break
         time.sleep(0.2)
     (evaluate,) = spans["evaluate"]
     (calibration,) = spans["calibration_data"]
-    fp16_export, fp8_export = sorted(spans["export"])  # FP16 first: it starts with the run; FP8 after the audit
 
     def overlap(a, b):
         return a[0] < b[1] and b[0] < a[1]
 
-    assert overlap(fp16_export, calibration), (fp16_export, calibration)
-    assert overlap(evaluate, fp8_export) or any(overlap(evaluate, s) for s in spans["surgery"]), (evaluate, spans)
+    for export in spans["export"]:  # FP16 and FP8: neither waits for calibration
+        assert overlap(export, calibration), (export, calibration)
+    fp8_side = [*spans["set_scales"], *spans["surgery"]]
+    assert any(overlap(evaluate, span) for span in fp8_side), (evaluate, spans)
 
 
-def test_new_calibration_data_reexports_only_the_fp8_graphs(first_run):
-    config, _ = first_run
+def test_new_calibration_data_reexports_nothing_and_rewrites_the_fp8_scales(first_run):
+    config, first = first_run
     summary = clip_fp8_pipeline(config.with_overrides(["calibration.seed=7"]))
     status = {name: stage["status"] for name, stage in summary["stages"].items()}
-    for name in ("baseline_model", "export_fp16", "surgery_fp16"):
+    for name in ("baseline_model", "export_fp16", "export_fp8", "surgery_fp16"):
         assert status[name] == "cached", name
-    for name in ("calibration_data", "quantize", "audit", "evaluate", "export_fp8", "surgery_fp8", "torch_fp8",
+    for name in ("calibration_data", "quantize", "audit", "evaluate", "set_scales", "surgery_fp8", "torch_fp8",
                  "evaluate_deployed"):
         assert status[name] == "completed", name
+    # The new scales are in the graphs that ship: same structure, other values.
+    import onnx
+
+    shipped = [onnx.load(s["artifacts"]["onnx_fp8_image"]) for s in (first, summary)]
+    assert [n.op_type for n in shipped[0].graph.node] == [n.op_type for n in shipped[1].graph.node]
+    assert any(a.raw_data != b.raw_data for a, b in zip(shipped[0].graph.initializer, shipped[1].graph.initializer))
 
 
 def test_run_folder_links_every_artifact_and_latest_points_at_the_newest_run(first_run):

@@ -19,7 +19,7 @@ import pytest
 
 BIN = Path(sys.executable).parent
 STAGES = ("calibration_data", "baseline_model", "quantize", "audit", "evaluate", "export_fp16", "export_fp8",
-          "surgery_fp16", "surgery_fp8")
+          "set_scales", "surgery_fp16", "surgery_fp8")
 
 
 @pytest.fixture(scope="module")
