@@ -197,10 +197,14 @@ def export(variant: Variant, model_source: ArtifactRef, model_cfg: ModelConfig, 
 EXPORT_NICENESS = {"fp8": 10, "fp16": 19}
 
 
-def _share_cpus(threads: int, niceness: int) -> None:
+def _start_worker(threads: int, niceness: int, eager_fp8: bool) -> None:
     """Worker start-up: a bounded share of the host's cores at a lower priority. Every torch process defaults
     to one OpenMP thread per core, and numpy's BLAS and the OpenMP runtimes ModelOpt's ONNX passes load do the
-    same; two exports and the stages beside them then oversubscribe the host several times over."""
+    same; two exports and the stages beside them then oversubscribe the host several times over.
+
+    ``eager_fp8``: ModelOpt's FP8 fake quantization through its eager path (the same E4M3 rounding). An export's
+    forwards only trace, and the values they compute are not in the graph; ModelOpt's CUDA kernels for them are
+    built once per host, a minute on a fresh one, and the FP8 export, which starts with the run, would wait for it."""
     import torch
     from threadpoolctl import threadpool_limits
 
@@ -215,6 +219,10 @@ def _share_cpus(threads: int, niceness: int) -> None:
     except OSError:  # not permitted here: the export still runs, at the same priority
         pass
     quiet_libraries()  # a quiet CLI run stays quiet in its export workers
+    if eager_fp8:
+        from modelopt.torch.quantization import extensions
+
+        extensions.get_cuda_ext_fp8.extension = None
 
 
 def export_in_processes(variant: str, baseline_path: str, model_cfg: ModelConfig, cfg: ExportConfig, out_dir: Path,
@@ -226,8 +234,8 @@ def export_in_processes(variant: str, baseline_path: str, model_cfg: ModelConfig
     threads = max(1, (os.cpu_count() or 1) // (2 * len(ENCODERS) + 1))
     source = {"checkpoint": checkpoint, "placeholder": placeholder}
     try:
-        with ProcessPoolExecutor(max_workers=len(ENCODERS), mp_context=context, initializer=_share_cpus,
-                                 initargs=(threads, EXPORT_NICENESS[variant])) as pool:
+        with ProcessPoolExecutor(max_workers=len(ENCODERS), mp_context=context, initializer=_start_worker,
+                                 initargs=(threads, EXPORT_NICENESS[variant], variant == "fp8")) as pool:
             jobs = [pool.submit(export_graphs, variant, (e,), baseline_path, model_cfg, cfg, out_dir, **source)
                     for e in ENCODERS]
             return {name: size for job in jobs for name, size in job.result().items()}
@@ -236,6 +244,6 @@ def export_in_processes(variant: str, baseline_path: str, model_cfg: ModelConfig
         print(f"export {variant}: a worker died (out of memory?); exporting one graph at a time")
         for leftover in out_dir.iterdir():
             leftover.unlink()
-        with ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_share_cpus,
-                                 initargs=(threads, EXPORT_NICENESS[variant])) as pool:
+        with ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_start_worker,
+                                 initargs=(threads, EXPORT_NICENESS[variant], variant == "fp8")) as pool:
             return pool.submit(export_graphs, variant, ENCODERS, baseline_path, model_cfg, cfg, out_dir, **source).result()

@@ -108,7 +108,8 @@ def set_scales(exported: ArtifactRef, quantized: ArtifactRef, model_source: Arti
             placeholder = json.loads(exported.file(f"{graph}.amax").read_text())
             changed[graph] = transfer_scales(model, placeholder, calibrated)
             onnx.save(model, str(out_dir / f"{graph}.onnx"))
-        meta = {"method": "rescaled", "scales_replaced": changed}
+        meta = {"method": "rescaled", "scales_replaced": changed,
+                "note": f"{sum(changed.values())} calibrated scales written into the placeholder export"}
     except ScaleTransferError as exc:
         for leftover in out_dir.iterdir():
             leftover.unlink()
@@ -119,5 +120,5 @@ def set_scales(exported: ArtifactRef, quantized: ArtifactRef, model_source: Arti
                 export_graphs("fp8", ENCODERS, model_source.path, model_cfg, cfg, out_dir, checkpoint=checkpoint)
         else:
             export_in_processes("fp8", model_source.path, model_cfg, cfg, out_dir, checkpoint=checkpoint)
-        meta = {"method": "exported", "why": exc.failures[:5]}
+        meta = {"method": "exported", "why": exc.failures[:5], "note": f"exported afresh: {exc.failures[0]}"}
     return StageOutput(files={graph: f"{graph}.onnx" for graph in graphs}, meta=meta)
