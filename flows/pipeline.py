@@ -1,14 +1,16 @@
 """The clip-fp8 DAG, run by Prefect as a DAG: independent branches at the same time.
 
-    calibration_data ──► quantize ──► audit ──┬──► evaluate ────────────────────────────────────────┐
-    export[fp8] ─────────────────────────────┼──► set_scales ──► surgery[fp8] ──► build[fp8] ──┴──► evaluate_deployed
-                                              └──► torch_fp8 ─────────────────────────────────────────────┘     │
+    evaluate_baseline ────────────────────────┐
+    calibration_data ──► quantize ──► audit ──┴─┬──► evaluate ─────────────────────────────────────┐
+    export[fp8] ────────────────────────────────┼──► set_scales ──► surgery[fp8] ──► build[fp8] ──┴──► evaluate_deployed
+                                                └──► torch_fp8 ────────────────────────────────────────┘        │
     baseline_model                                                                                             ▼
-    export[fp16] ──► surgery[fp16] ──► build[fp16] ──────────────────────────────────────────────────────► benchmark
+    export[fp16] ──► surgery[fp16] ──► build[fp16] ─────────────────────────────────────────────────────► benchmark
 
-``evaluate`` measures the baseline and the fake-quant model; ``evaluate_deployed`` measures what ships (ONNX
-Runtime on the repaired graphs, torch-fp8, TensorRT engines: each where it can run) and applies the quality
-gate to the runtime that will be deployed (``evaluation.gate_runtime``, resolved before any stage starts).
+``evaluate`` measures the fake-quant model against ``evaluate_baseline`` (the model alone: it starts with the
+run and a re-quantization reuses it); ``evaluate_deployed`` measures what ships (ONNX Runtime on the repaired
+graphs, torch-fp8, TensorRT engines: each where it can run) and applies the quality gate to the runtime that
+will be deployed (``evaluation.gate_runtime``, resolved before any stage starts).
 
 With ``quantization.recovery`` on, export[fp8] waits for the gate: when it fails, ``sensitivity`` ranks
 the units and (``auto``) quantize → audit → evaluate run again with the most sensitive units in FP16,
@@ -60,6 +62,7 @@ from clip_fp8.tasks.calibration_sources import resolve_data_source
 from clip_fp8.tasks.checkpoints import pick_device, resolve_model_source
 from clip_fp8.tasks.eval_datasets import resolve_eval_source
 from clip_fp8.tasks.evaluate import evaluate
+from clip_fp8.tasks.evaluate_baseline import evaluate_baseline
 from clip_fp8.tasks.evaluate_deployed import evaluate_deployed
 from clip_fp8.tasks.export import export
 from clip_fp8.tasks.quantize import build_fp8_kernels, quantize
@@ -80,6 +83,7 @@ quantize_task = stage_task(quantize, retries=1)
 audit_task = stage_task(audit)
 sensitivity_task = stage_task(sensitivity, retries=1)
 recovery_task = stage_task(recovery)
+evaluate_baseline_task = stage_task(evaluate_baseline, retries=1)
 evaluate_task = stage_task(evaluate, retries=1)
 torch_fp8_task = stage_task(torch_fp8, retries=1)
 evaluate_deployed_task = stage_task(evaluate_deployed, retries=1)
@@ -138,6 +142,8 @@ def clip_fp8_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
             s: dict[str, PrefectFuture] = {}
             s["calibration_data"] = calibration_data_task.submit(data_source, config.calibration, store=store)
             s["baseline_model"] = baseline_model_task.submit(model_source, m, store=store)
+            s["evaluate_baseline"] = evaluate_baseline_task.submit(model_source, eval_source, m, config.evaluation,
+                                                                   store=store)
             s["export_fp16"] = export_task.submit("fp16", model_source, m, None, x, store=store)
             if config.quantization.recovery == "off":
                 s["export_fp8"] = export_task.submit("fp8", model_source, m, config.quantization, x, store=store)
@@ -148,7 +154,7 @@ def clip_fp8_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
             s["quantize"] = quantize_task.submit(model_source, s["calibration_data"], data_source, m, config.calibration,
                                                  config.quantization, store=store)
             s["audit"] = audit_task.submit(s["quantize"], config.quantization, store=store)
-            s["evaluate"] = evaluate_task.submit(model_source, s["quantize"], eval_source, m,
+            s["evaluate"] = evaluate_task.submit(model_source, s["quantize"], s["evaluate_baseline"], eval_source, m,
                                                  gate_config(config, gate_runtime), store=store, wait_for=[s["audit"]])
             if config.quantization.recovery != "off":
                 recovered = recover(s, config, model_source, data_source, eval_source, store, gate_runtime)
@@ -233,8 +239,8 @@ def recover(s: dict[str, PrefectFuture], config: PipelineConfig, model_source: A
                                                       config.calibration, q, recovered=exclusion_reasons(recovered),
                                                       store=store)
             s[f"audit~{k}"] = audit_task.submit(s[f"quantize~{k}"], q, store=store)
-            s[f"evaluate~{k}"] = evaluate_task.submit(model_source, s[f"quantize~{k}"], eval_source, m,
-                                                      gate_config(config, gate_runtime), store=store,
+            s[f"evaluate~{k}"] = evaluate_task.submit(model_source, s[f"quantize~{k}"], s["evaluate_baseline"],
+                                                      eval_source, m, gate_config(config, gate_runtime), store=store,
                                                       wait_for=[s[f"audit~{k}"]])
             evaluations.append(s[f"evaluate~{k}"])
             if (attempt := _settled(s[f"evaluate~{k}"])) is None or attempt.meta["promotable"]:

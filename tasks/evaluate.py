@@ -1,6 +1,7 @@
 """Stage evaluate: CLIP_benchmark zero-shot classification and retrieval, baseline vs fake-quantized FP8.
 
-Both models see the same data through CLIP_benchmark's own ``evaluate`` functions, which need only
+The baseline's metrics come from ``evaluate_baseline`` (keyed on the model, so a re-quantization reuses them);
+both models see the same data through CLIP_benchmark's own ``evaluate`` functions, which need only
 ``encode_image``/``encode_text``. ``amp=False``: autocast would re-round the fake-quant graph and
 blur the comparison. The gate compares each metric's drop (baseline - FP8) with
 ``evaluation.max_drop`` (patterns over ``dataset/task/metric`` names; ``*`` is the default); every
@@ -19,7 +20,7 @@ from clip_fp8.artifacts import ArtifactRef
 from clip_fp8.config import EMBEDDED_DATA, EvaluationConfig, ModelConfig
 from clip_fp8.errors import PipelineInputError, QualityGateError, collected
 from clip_fp8.stage import StageOutput
-from clip_fp8.tasks.checkpoints import load_clip, load_processor, load_quantized, pick_device
+from clip_fp8.tasks.checkpoints import load_processor, load_quantized, pick_device
 from clip_fp8.tasks.eval_datasets import (
     ShapesCaptions, ShapesClassification, build_clip_benchmark_dataset, dataset_task, limited, make_tokenizer,
     make_transform,
@@ -102,11 +103,12 @@ def metrics_markdown(gate: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate(model_source: ArtifactRef, quantized: ArtifactRef, eval_source: ArtifactRef, model_cfg: ModelConfig,
-             cfg: EvaluationConfig, out_dir: Path) -> StageOutput:
-    """Evaluate baseline and FP8 on every dataset, apply the gate; ``on_gate_failure=fail`` raises."""
+def evaluate(model_source: ArtifactRef, quantized: ArtifactRef, baseline: ArtifactRef, eval_source: ArtifactRef,
+             model_cfg: ModelConfig, cfg: EvaluationConfig, out_dir: Path) -> StageOutput:
+    """Evaluate FP8 on every dataset, apply the gate against ``baseline`` (``evaluate_baseline``'s metrics, the
+    same datasets and settings); ``on_gate_failure=fail`` raises."""
     processor, device = load_processor(model_source.path), pick_device(model_cfg)
-    baseline_metrics = evaluate_model(load_clip(model_source.path, model_cfg), processor, cfg, device)
+    baseline_metrics = json.loads(baseline.file("metrics").read_text())
     fp8_metrics = evaluate_model(load_quantized(quantized.file("checkpoint"), model_cfg), processor, cfg, device)
     gate = quality_gate(baseline_metrics, fp8_metrics, cfg)
     reports = {"quality-gate": metrics_markdown(gate)}

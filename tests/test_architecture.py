@@ -56,9 +56,9 @@ def test_modules_import_only_their_own_layer_or_below():
 
 def test_stage_functions_are_plain_named_after_their_module_and_write_into_out_dir():
     stages = stage_functions()
-    assert set(stages) == {f"{s}_task" for s in ("calibration_data", "baseline_model", "quantize", "audit", "evaluate",
-                                                 "export", "set_scales", "surgery", "build", "benchmark", "sensitivity", "recovery",
-                                                 "torch_fp8", "evaluate_deployed")}
+    assert set(stages) == {f"{s}_task" for s in (
+        "calibration_data", "baseline_model", "quantize", "audit", "evaluate_baseline", "evaluate", "export", "set_scales",
+        "surgery", "build", "benchmark", "sensitivity", "recovery", "torch_fp8", "evaluate_deployed")}
     for fn in stages.values():
         assert fn.__module__ == f"clip_fp8.tasks.{stage_name(fn)}"
         assert inspect.signature(fn).return_annotation in (StageOutput, "StageOutput")
@@ -143,10 +143,10 @@ def _identities_with(site: Path | None) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("distribution, stages", [
-    ("clip-benchmark", {"evaluate", "evaluate_deployed"}),
+    ("clip-benchmark", {"evaluate_baseline", "evaluate", "evaluate_deployed"}),
     ("onnxruntime", {"surgery", "evaluate_deployed"}),
-    ("nvidia-modelopt", {"baseline_model", "quantize", "evaluate", "export", "set_scales", "surgery", "benchmark",
-                         "sensitivity", "torch_fp8", "evaluate_deployed"}),
+    ("nvidia-modelopt", {"baseline_model", "quantize", "evaluate_baseline", "evaluate", "export", "set_scales", "surgery",
+                         "benchmark", "sensitivity", "torch_fp8", "evaluate_deployed"}),
 ])
 def test_a_library_upgrade_rekeys_exactly_the_stages_that_import_it(tmp_path, distribution, stages):
     """What an upgrade changes for the key is the installed distribution's metadata: a copy of it with another

@@ -22,15 +22,15 @@ def first_run(tmp_path_factory):
     return config, clip_fp8_pipeline(config)
 
 
-CPU_STAGES = ("calibration_data", "baseline_model", "quantize", "audit", "evaluate", "export_fp16", "export_fp8",
-              "set_scales", "surgery_fp16", "surgery_fp8", "torch_fp8", "evaluate_deployed")
+CPU_STAGES = ("calibration_data", "baseline_model", "evaluate_baseline", "quantize", "audit", "evaluate", "export_fp16",
+              "export_fp8", "set_scales", "surgery_fp16", "surgery_fp8", "torch_fp8", "evaluate_deployed")
 ENGINE_STAGES = ("build_fp16", "build_fp8", "benchmark")
 
 
 def test_default_flow_completes_every_stage(first_run):
     config, summary = first_run
     assert summary["status"] == "completed"
-    assert list(summary["stages"]) == [*CPU_STAGES[:2], "export_fp16", "export_fp8", "surgery_fp16", "build_fp16",
+    assert list(summary["stages"]) == [*CPU_STAGES[:3], "export_fp16", "export_fp8", "surgery_fp16", "build_fp16",
                                        "quantize", "audit", "evaluate", "set_scales", "surgery_fp8", "build_fp8",
                                        "torch_fp8", "evaluate_deployed", "benchmark"]
     for name in CPU_STAGES:
@@ -137,8 +137,8 @@ def test_changing_an_evaluation_setting_reruns_only_evaluation(first_run):
     changed = config.with_overrides(["evaluation.num_samples=500"])
     summary = clip_fp8_pipeline(changed)
     status = {name: stage["status"] for name, stage in summary["stages"].items()}
-    assert status["evaluate"] == status["evaluate_deployed"] == "completed"
-    for name in set(CPU_STAGES) - {"evaluate", "evaluate_deployed"}:
+    assert status["evaluate_baseline"] == status["evaluate"] == status["evaluate_deployed"] == "completed"
+    for name in set(CPU_STAGES) - {"evaluate_baseline", "evaluate", "evaluate_deployed"}:
         assert status[name] == "cached", name
 
 
@@ -165,8 +165,8 @@ def test_adding_an_evaluation_dataset_reruns_only_evaluation_and_reports_both(fi
 
 
 def test_independent_branches_overlap_in_time(first_run):
-    """Both exports start with the run, beside calibration; evaluate runs beside set_scales and the FP8
-    surgery: read from the task runs Prefect recorded on the server, not from the flow's own notes."""
+    """Both exports and the baseline's evaluation start with the run, beside calibration and each other: read
+    from the task runs Prefect recorded on the server, not from the flow's own notes."""
     import asyncio
     import time
 
@@ -195,17 +195,21 @@ def test_independent_branches_overlap_in_time(first_run):
     def overlap(a, b):
         return a[0] < b[1] and b[0] < a[1]
 
+    t0 = min(start for runs in spans.values() for start, _ in runs)
+    timeline = {name: [(round((a - t0).total_seconds(), 2), round((b - t0).total_seconds(), 2)) for a, b in runs]
+                for name, runs in spans.items()}
     for export in spans["export"]:  # FP16 and FP8: neither waits for calibration
-        assert overlap(export, calibration), (export, calibration)
-    fp8_side = [*spans["set_scales"], *spans["surgery"]]
-    assert any(overlap(evaluate, span) for span in fp8_side), (evaluate, spans)
+        assert overlap(export, calibration), timeline
+    (baseline,) = spans["evaluate_baseline"]  # evaluation beside the exports and calibration
+    assert overlap(baseline, calibration) and all(overlap(baseline, export) for export in spans["export"]), timeline
+    assert evaluate[0] >= baseline[1], timeline  # the FP8 evaluation compares with the baseline's metrics
 
 
 def test_new_calibration_data_reexports_nothing_and_rewrites_the_fp8_scales(first_run):
     config, first = first_run
     summary = clip_fp8_pipeline(config.with_overrides(["calibration.seed=7"]))
     status = {name: stage["status"] for name, stage in summary["stages"].items()}
-    for name in ("baseline_model", "export_fp16", "export_fp8", "surgery_fp16"):
+    for name in ("baseline_model", "evaluate_baseline", "export_fp16", "export_fp8", "surgery_fp16"):
         assert status[name] == "cached", name
     for name in ("calibration_data", "quantize", "audit", "evaluate", "set_scales", "surgery_fp8", "torch_fp8",
                  "evaluate_deployed"):

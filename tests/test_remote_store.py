@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 BIN = Path(sys.executable).parent
-STAGES = ("calibration_data", "baseline_model", "quantize", "audit", "evaluate", "export_fp16", "export_fp8",
-          "set_scales", "surgery_fp16", "surgery_fp8")
+STAGES = ("calibration_data", "baseline_model", "quantize", "audit", "evaluate_baseline", "evaluate", "export_fp16",
+          "export_fp8", "set_scales", "surgery_fp16", "surgery_fp8")
 
 
 @pytest.fixture(scope="module")
