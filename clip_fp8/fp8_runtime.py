@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from clip_fp8.clip import clip_model_construction
+from clip_fp8.devices import fp8_support
 from clip_fp8.encoders import ImageEncoder, TextEncoder
 
 FORMAT = "clip-fp8/torch-fp8/1"
@@ -72,19 +73,6 @@ class FP8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8=e4m3"
-
-
-def fp8_support(device: str) -> str | None:
-    """None when FP8 GEMMs run on ``device``; else why not (one line)."""
-    if not device.startswith("cuda"):
-        return f"FP8 GEMMs need a CUDA GPU of compute capability >= 8.9 (this is {device})"
-    if not torch.cuda.is_available():
-        return "FP8 GEMMs need a CUDA GPU of compute capability >= 8.9; no CUDA device is visible"
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (8, 9):
-        return (f"FP8 GEMMs need compute capability >= 8.9 (Ada, Hopper, Blackwell); "
-                f"{torch.cuda.get_device_name(device)} is {major}.{minor}")
-    return None
 
 
 def gemm_fits(in_features: int, out_features: int) -> bool:

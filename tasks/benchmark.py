@@ -136,7 +136,7 @@ def benchmark(engines: list[ArtifactRef], model_source: ArtifactRef, torch_fp8: 
         return StageOutput.skipped("benchmark.enabled=false")
     import torch
 
-    from clip_fp8.fp8_runtime import fp8_support
+    from clip_fp8.devices import fp8_support
 
     built = [ref for ref in engines if "skip_reason" not in ref.meta]
     rows, skipped = [], {}

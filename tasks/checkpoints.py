@@ -20,6 +20,7 @@ from clip_fp8 import ASSETS_DIR
 from clip_fp8.artifacts import ArtifactRef, sha256_tree
 from clip_fp8.clip import CLIP_FORWARD_LOCK, MODELOPT_LOCK, clip_model_construction
 from clip_fp8.config import ModelConfig
+from clip_fp8.devices import cuda_available
 from clip_fp8.errors import PipelineInputError
 
 EMBEDDED_MODELS = {"tiny-clip-shapes": ASSETS_DIR / "tiny-clip-shapes"}
@@ -97,11 +98,9 @@ def resolve_model_source(cfg: ModelConfig) -> ArtifactRef:
 
 
 def pick_device(cfg: ModelConfig) -> str:
-    import torch
-
     if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.device == "cuda" and not torch.cuda.is_available():
+        return "cuda" if cuda_available() else "cpu"
+    if cfg.device == "cuda" and not cuda_available():
         raise PipelineInputError("model.device 'cuda' was asked for but no CUDA device is visible; use model.device=auto")
     return cfg.device
 

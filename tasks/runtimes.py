@@ -57,7 +57,7 @@ def unavailable(name: str, device: str, artifacts: Artifacts | None = None) -> s
         except ImportError:
             return "onnxruntime is not installed"
     if name == "torch-fp8":
-        from clip_fp8.fp8_runtime import fp8_support
+        from clip_fp8.devices import fp8_support
 
         if why := fp8_support(device):
             return why

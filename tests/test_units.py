@@ -280,3 +280,23 @@ with scratch_directory(prefix="clip-fp8-first-"):
                           env={**os.environ, "TMPDIR": str(tmp_path)})
     assert done.returncode == 0 and "interrupted" in done.stdout, done.stdout + done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_picking_the_device_imports_torch_only_where_a_gpu_driver_could_answer(tmp_path):
+    """A cached run on a CPU host does not pay for importing torch to learn there is no GPU; where a driver's
+    device node exists, torch is asked."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from clip_fp8 import devices; from clip_fp8.config import ModelConfig; "
+            "from clip_fp8.tasks.checkpoints import pick_device; from clip_fp8.tasks.runtimes import unavailable; "
+            "devices.GPU_DEVICE_NODES = (sys.argv[1],); "
+            "print(pick_device(ModelConfig()), bool(unavailable('torch-fp8', 'cpu')), 'torch' in sys.modules)")
+    node = tmp_path / "nvidiactl"
+    node.touch()
+    answers = {}
+    for case, path in (("no driver", tmp_path / "absent"), ("driver", node)):
+        out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120, check=True)
+        answers[case] = out.stdout.split()
+    assert answers["no driver"] == ["cpu", "True", "False"]
+    assert answers["driver"][2] == "True"
