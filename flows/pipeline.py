@@ -19,10 +19,10 @@ decides; export[fp8] takes the last attempt's exclusions and set_scales its chec
 
 Both exports depend on the model (and FP8 on the quantization settings), not on calibration: they start at
 once, and new calibration data re-runs only quantize and what reads its checkpoint (set_scales writes the new
-scales into the FP8 graphs: seconds, where exporting a ViT-L/14 image tower takes a minute). On a GPU host two things start with the run that are not stages: ModelOpt's FP8
-CUDA kernels build (``build-fp8-kernels``, once per host) beside calibration instead of inside the first
-FP8 forward, and this process's torch CPU threads are bounded so that the stages running here side by
-side leave cores to the export workers (``bound_flow_threads``). Locators (model, data, evaluation sets,
+scales into the FP8 graphs: seconds, where exporting a ViT-L/14 image tower takes a minute). On a GPU host two
+things start with the run that are not stages: ModelOpt's FP8 CUDA kernels build (``build-fp8-kernels``, once
+per host) beside calibration instead of inside the first FP8 forward, and this process's torch CPU threads are
+bounded so that the stages running here side by side leave cores to the export workers (``bound_flow_threads``). Locators (model, data, evaluation sets,
 build target) are resolved before any stage starts, so a path that does not exist stops the run at once.
 A stage that fails stops only what depends on it; the other branches finish, the report shows every
 stage, and then the run fails with the first failure. The flow's one parameter is ``PipelineConfig``,

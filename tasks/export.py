@@ -174,17 +174,22 @@ def export(variant: Variant, model_source: ArtifactRef, model_cfg: ModelConfig, 
     if (variant == "fp8") != (quantization is not None):
         raise PipelineInputError(f"export variant '{variant}' {'needs' if variant == 'fp8' else 'takes no'} quantization settings")
     placeholder = (quantization, list(recovered)) if quantization is not None else None
-    workers = export_workers(cfg, parameter_count(model_source.path))
-    if workers == 1:
-        with CLIP_FORWARD_LOCK:
-            sizes = export_graphs(variant, ENCODERS, model_source.path, model_cfg, cfg, out_dir, placeholder=placeholder)
-    else:
-        sizes = export_in_processes(variant, model_source.path, model_cfg, cfg, out_dir, placeholder=placeholder)
+    sizes, processes = export_both(variant, model_source.path, model_cfg, cfg, out_dir, placeholder=placeholder)
     files = {name.removesuffix(".onnx"): name for name in sizes}
     if placeholder is not None:
         files |= {f"{graph}.amax": f"{graph}.amax.json" for graph in list(files)}
-    return StageOutput(files=files, meta={"variant": variant, "bytes": sizes,
-                                          "processes": 0 if workers == 1 else len(ENCODERS)})
+    return StageOutput(files=files, meta={"variant": variant, "bytes": sizes, "processes": processes})
+
+
+def export_both(variant: str, model_path: str, model_cfg: ModelConfig, cfg: ExportConfig, out_dir: Path,
+                checkpoint: str | None = None,
+                placeholder: tuple[QuantizationConfig, list[str]] | None = None) -> tuple[dict[str, int], int]:
+    """Both encoders' graphs (``export_graphs``), here under the forward lock for a small model or one spawned
+    process per graph for a large one (``export_workers``); returns their sizes and the processes used."""
+    if export_workers(cfg, parameter_count(model_path)) == 1:
+        with CLIP_FORWARD_LOCK:
+            return export_graphs(variant, ENCODERS, model_path, model_cfg, cfg, out_dir, checkpoint, placeholder), 0
+    return export_in_processes(variant, model_path, model_cfg, cfg, out_dir, checkpoint, placeholder), len(ENCODERS)
 
 
 # Export workers run at a lower CPU priority than the flow's process: measured on the H200 at ViT-L/14

@@ -19,11 +19,10 @@ import re
 from pathlib import Path
 
 from clip_fp8.artifacts import ArtifactRef
-from clip_fp8.clip import CLIP_FORWARD_LOCK
 from clip_fp8.config import ExportConfig, ModelConfig
 from clip_fp8.errors import ScaleTransferError, collected
 from clip_fp8.stage import StageOutput
-from clip_fp8.tasks.export import ENCODERS, export_graphs, export_in_processes, export_workers, parameter_count
+from clip_fp8.tasks.export import ENCODERS, export_both
 
 FP8_E4M3_MAX = 448.0
 # ModelOpt's replacement for a zero scale (modelopt.onnx.quantization.qdq_utils).
@@ -115,10 +114,6 @@ def set_scales(exported: ArtifactRef, quantized: ArtifactRef, model_source: Arti
             leftover.unlink()
         checkpoint = str(quantized.file("checkpoint"))
         print(f"set_scales: {exc.failures[0]} (+{len(exc.failures) - 1} more); exporting the checkpoint afresh")
-        if export_workers(cfg, parameter_count(model_source.path)) == 1:
-            with CLIP_FORWARD_LOCK:
-                export_graphs("fp8", ENCODERS, model_source.path, model_cfg, cfg, out_dir, checkpoint=checkpoint)
-        else:
-            export_in_processes("fp8", model_source.path, model_cfg, cfg, out_dir, checkpoint=checkpoint)
+        export_both("fp8", model_source.path, model_cfg, cfg, out_dir, checkpoint=checkpoint)
         meta = {"method": "exported", "why": exc.failures[:5], "note": f"exported afresh: {exc.failures[0]}"}
     return StageOutput(files={graph: f"{graph}.onnx" for graph in graphs}, meta=meta)
