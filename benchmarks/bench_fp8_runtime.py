@@ -167,7 +167,7 @@ def main() -> None:
         from clip_fp8.tasks.eval_datasets import resolve_eval_source
         from clip_fp8.tasks.evaluate import evaluate
         from clip_fp8.tasks.evaluate_deployed import evaluate_deployed
-        from clip_fp8.tasks.checkpoints import pick_device
+        from clip_fp8.devices import pick_device
         from clip_fp8.tasks.export import export
         from clip_fp8.tasks.runtimes import resolve_gate_runtime
         from clip_fp8.tasks.tensorrt import resolve_target

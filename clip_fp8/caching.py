@@ -2,8 +2,9 @@
 
 Prefect's default policy includes the flow run id, so nothing is reused across runs. A stage's key
 (``stage_key``) hashes:
-- each input's content: ``ArtifactRef``s by digest (not path), pydantic sections by their settings
-  (locator fields such as a model path excluded: their content arrives as a ref; execution fields such
+- each input's content: ``ArtifactRef``s by digest (not path: an upstream stage that re-ran and wrote the
+  same bytes leaves this key as it was, so the run stops there: early cutoff), config sections by the fields
+  the stage declares it reads (``clip_fp8.stage.Reads``), never the whole section (locator fields such as a model path excluded: their content arrives as a ref; execution fields such
   as a worker count excluded: they change how fast, not what; flow fields such as the recovery mode
   excluded: they decide which stages run, and a stage that needs one takes it as a parameter of its own);
 - the source of every project module the stage's module imports, directly or through other project
@@ -60,13 +61,14 @@ def stage_code_digest(module: str) -> str:
     return sha256_json(code_identity(module))
 
 
-def canonical(value: Any) -> Any:
-    """The part of a task input that identifies its content."""
+def canonical(value: Any, fields: frozenset[str] | None = None) -> Any:
+    """The part of a task input that identifies its content (of a section: of the ``fields`` read, if given)."""
     if hasattr(value, "__cache_key__"):
         return {"ref": value.__cache_key__()}
     if isinstance(value, BaseModel):  # recursive, so nested models (evaluation.datasets) drop their locators too
         return {name: canonical(getattr(value, name)) for name, f in type(value).model_fields.items()
-                if not {"locator", "execution", "flow"} & set(f.json_schema_extra or {})}  # type: ignore[arg-type]
+                if (fields is None or name in fields)
+                and not {"locator", "execution", "flow"} & set(f.json_schema_extra or {})}  # type: ignore[arg-type]
     if isinstance(value, Path):
         raise TypeError(f"a Path ({value}) cannot be part of a cache key; pass an ArtifactRef")
     if isinstance(value, dict):
@@ -78,11 +80,12 @@ def canonical(value: Any) -> Any:
 
 def stage_key(fn: Callable, inputs: dict[str, Any]) -> str:
     """The cache key of running stage ``fn`` on ``inputs``."""
-    from clip_fp8.stage import stage_name
+    from clip_fp8.stage import fields_read, stage_name
 
+    read = fields_read(fn)
     return sha256_json({
         "stage": stage_name(fn),
         "code": stage_code_digest(fn.__module__),
-        "inputs": {k: canonical(v) for k, v in sorted(inputs.items()) if not isinstance(v, ArtifactStore)},
+        "inputs": {k: canonical(v, read.get(k)) for k, v in sorted(inputs.items()) if not isinstance(v, ArtifactStore)},
     })
 

@@ -81,7 +81,7 @@ def run(
     _stop_cleanly_on_interrupt(server)
     if server is not None:
         warm_keys()  # while the server starts
-        warm_plotting()  # the report's trend plot imports matplotlib (~0.7 s on 2 cores): also while it starts
+        warm_plotting()  # the report's trend plot imports matplotlib: also while the server starts
         server.wait()
     try:
         summary = clip_fp8_pipeline(config)
@@ -157,9 +157,8 @@ def _die_with_parent() -> None:
 class TemporaryServer:
     """The temporary Prefect server a bare ``clip-fp8 run`` needs (no PREFECT_API_URL set), started the way
     Prefect starts its own (``prefect.server.api.server.SubprocessASGIServer``: uvicorn on the server app,
-    UI off) but from here, before the pipeline is imported, so that its start-up (~5 s on 2 cores)
-    overlaps the imports; and without importing the server in this process, as Prefect's client would
-    (another ~5 s). Its own process session: a Ctrl-C reaches the run, which then stops the server,
+    UI off) but from here, before the pipeline is imported, so that its start-up overlaps the imports; and
+    without importing the server in this process, as Prefect's client would. Its own process session: a Ctrl-C reaches the run, which then stops the server,
     instead of killing the server under a client that would retry against it for minutes.
     """
 

@@ -1,7 +1,7 @@
 """What this host's devices can run, answered without importing torch where no GPU driver could answer.
 
 The flow asks before any stage starts (the device, the runtime the gate judges); importing torch to learn that
-a CPU host has no GPU took 3 of a cached run's 10 s on the 2-core machine.
+a CPU host has no GPU was a large share of a cached run (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -20,6 +20,17 @@ def cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def pick_device(cfg) -> str:
+    """The torch device of ``model.device`` (a ``ModelConfig``): 'auto' is CUDA where a GPU is visible."""
+    if cfg.device == "auto":
+        return "cuda" if cuda_available() else "cpu"
+    if cfg.device == "cuda" and not cuda_available():
+        from clip_fp8.errors import PipelineInputError
+
+        raise PipelineInputError("model.device 'cuda' was asked for but no CUDA device is visible; use model.device=auto")
+    return cfg.device
 
 
 def fp8_support(device: str) -> str | None:

@@ -8,7 +8,13 @@ and returns the ``ArtifactRef`` that downstream stages take. The Prefect layer
 (``clip_fp8.flows.stage_task``) adds caching, retries, locks and UI artifacts around ``execute``; the
 key (``clip_fp8.caching.stage_key``) is computed from the same signature.
 
-    def quantize(model_source: ArtifactRef, calibration: ArtifactRef, ..., out_dir: Path) -> StageOutput:
+The signature is the stage's one declaration: its name (the module's), its inputs, the config fields it
+reads (``Reads[Section, "field", ...]``: only those key it, and reading any other fails the stage naming
+it, so the declaration cannot drift from the code) and its retries (``@stage(retries=...)``).
+
+    @stage(retries=1)
+    def quantize(model_source: ArtifactRef, calibration: ArtifactRef, ...,
+                 calib_cfg: Reads[CalibrationConfig, "batch_size"], out_dir: Path) -> StageOutput:
         ...
         return StageOutput(files={"checkpoint": "checkpoint"}, meta={...}, reports={"quantization": md})
 """
@@ -16,13 +22,18 @@ key (``clip_fp8.caching.stage_key``) is computed from the same signature.
 from __future__ import annotations
 
 import inspect
+import sys
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
 from clip_fp8.artifacts import ArtifactRef, ArtifactStore, write_json_atomic
 
 OUT_DIR = "out_dir"
 SKIPPED_FILE = "skipped.json"
+SUMMARY, SHOWN = "summary", "shown"  # where an ArtifactRef's meta keeps StageOutput.summary and .shown
+DETAILS = "-details"  # a report named so is a UI artifact only, not a section of the run report
 
 
 @dataclass
@@ -31,18 +42,129 @@ class StageOutput:
 
     ``files``: name -> path relative to ``out_dir``, for consumers (``ref.file(name)``).
     ``meta``: small facts for the report and for downstream decisions (kept in the ``ArtifactRef``).
-    ``reports``: markdown documents by name; the Prefect layer publishes each as a UI artifact.
+    ``reports``: markdown documents by name; the Prefect layer publishes each as a UI artifact, and the run
+    report shows each as a section (in stage order), except those named ``*-details`` (the UI only).
+    ``summary``: what the stage adds to the run's summary.json (dicts merge, a later stage's value wins).
+    ``shown``: artifact name -> one of ``files`` ("" = the whole artifact), listed in the summary's artifacts.
     ``skip_reason``: the stage had nothing to do here (no TensorRT, disabled); recorded, not an error.
     """
 
     files: dict[str, str] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     reports: dict[str, str] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    shown: dict[str, str] = field(default_factory=dict)
     skip_reason: str | None = None
 
     @classmethod
     def skipped(cls, reason: str) -> "StageOutput":
         return cls(meta={"skip_reason": reason}, skip_reason=reason)
+
+
+class Reads:
+    """``Reads[Section, "a", "b"]``: a config section of which the stage reads fields ``a`` and ``b`` only.
+
+    The stage's key holds those fields' values, not the whole section (early cutoff: a change to a field the
+    stage does not read leaves its key, and everything after it, as it was); ``execute`` hands the stage a view
+    that refuses any other field, naming it."""
+
+    def __init__(self, fields: tuple[str, ...]):
+        self.fields = frozenset(fields)
+
+    def __class_getitem__(cls, params):
+        section, *fields = params if isinstance(params, tuple) else (params,)
+        unknown = sorted(set(fields) - set(section.model_fields))
+        if unknown:
+            raise TypeError(f"Reads[{section.__name__}, ...]: {section.__name__} has no field {', '.join(unknown)}")
+        return Annotated[section, cls(tuple(fields))]
+
+
+# Every stage function declared in this process (``@stage``), in the order their modules were imported.
+STAGES: list[Callable] = []
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What a stage declares beside its signature: retries for transient failures, and an optional concurrency
+    limit named from its inputs (the benchmark's ``gpu:<GPU type>``: one timing per GPU type at a time)."""
+
+    retries: int = 0
+    limit: Callable[[dict[str, Any]], str | None] | None = None
+
+
+def stage(*, retries: int = 0, limit: Callable[[dict[str, Any]], str | None] | None = None):
+    """Declare a stage: the function named after its module, with its retries and limit; nothing else registers it."""
+    def declare(fn: Callable) -> Callable:
+        stage_name(fn)  # named after its module, or a TypeError now
+        stage_parameters(fn)
+        fn.__stage__ = StageSpec(retries=retries, limit=limit)
+        if fn not in STAGES:
+            STAGES.append(fn)
+        return fn
+    return declare
+
+
+def spec_of(fn: Callable) -> StageSpec:
+    try:
+        return fn.__stage__
+    except AttributeError:
+        raise TypeError(f"{fn.__module__}.{fn.__name__} is not declared a stage (@stage)") from None
+
+
+def fields_read(fn: Callable) -> dict[str, frozenset[str]]:
+    """Parameter -> the config fields a stage declares it reads (``Reads``), for every section parameter."""
+    hints = typing.get_type_hints(fn, globalns=vars(sys.modules[fn.__module__]), include_extras=True)
+    declared = {}
+    for name, hint in hints.items():
+        options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        for option in options:
+            marks = [m for m in getattr(option, "__metadata__", ()) if isinstance(m, Reads)]
+            if marks:
+                declared[name] = marks[0].fields
+    return declared
+
+
+class SectionView:
+    """A config section as a stage sees it: the fields it declared, and an error naming any other."""
+
+    __slots__ = ("_section", "_fields", "_where")
+
+    def __init__(self, section, fields: frozenset[str], where: str):
+        object.__setattr__(self, "_section", section)
+        object.__setattr__(self, "_fields", fields)
+        object.__setattr__(self, "_where", where)
+
+    def __getattr__(self, name: str):
+        section = object.__getattribute__(self, "_section")
+        if name in type(section).model_fields and name not in object.__getattribute__(self, "_fields"):
+            where = object.__getattribute__(self, "_where")
+            raise AttributeError(f"{where} reads field '{name}', which its signature does not declare: add it to "
+                                 f"its Reads[...] so that a change to it re-runs the stage")
+        if name in ("model_dump", "model_dump_json", "__iter__"):
+            raise AttributeError(f"{object.__getattribute__(self, '_where')}: a stage reads named fields, not the "
+                                 "whole section")
+        return getattr(section, name)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("a stage's config is read-only")
+
+    def model_copy(self, update: dict | None = None, **kwargs) -> "SectionView":
+        """A copy with ``update`` applied: the updated fields are the stage's own choice, readable too."""
+        section = object.__getattribute__(self, "_section").model_copy(update=update, **kwargs)
+        return SectionView(section, object.__getattribute__(self, "_fields") | set(update or {}),
+                           object.__getattribute__(self, "_where"))
+
+    def __repr__(self) -> str:
+        section = object.__getattribute__(self, "_section")
+        fields = sorted(object.__getattribute__(self, "_fields"))
+        return f"{type(section).__name__}({', '.join(f'{f}={getattr(section, f)!r}' for f in fields)})"
+
+
+def views(fn: Callable, inputs: dict[str, Any]) -> dict[str, Any]:
+    """``inputs`` with each declared section replaced by its ``SectionView``."""
+    declared = fields_read(fn)
+    return {k: SectionView(v, declared[k], f"stage {stage_name(fn)}: {k}") if k in declared and v is not None else v
+            for k, v in inputs.items()}
 
 
 def stage_name(fn: Callable) -> str:
@@ -77,7 +199,7 @@ def execute(fn: Callable, store: ArtifactStore, key: str, inputs: dict[str, Any]
     """
     name = stage_name(fn)
     with store.staging(name, key) as tmp:
-        output = fn(**inputs, out_dir=tmp)
+        output = fn(**views(fn, inputs), out_dir=tmp)
         if not isinstance(output, StageOutput):
             raise TypeError(f"stage {name} returned {type(output).__name__}, not StageOutput")
         if output.skip_reason is not None:
@@ -85,7 +207,9 @@ def execute(fn: Callable, store: ArtifactStore, key: str, inputs: dict[str, Any]
         for doc, markdown in output.reports.items():
             (tmp / f"{doc}.md").write_text(markdown)
     files = {**output.files, **{f"report:{doc}": f"{doc}.md" for doc in output.reports}}
-    return store.publish(name, key, files, output.meta)
+    meta = {**output.meta, **({SUMMARY: output.summary} if output.summary else {}),
+            **({SHOWN: output.shown} if output.shown else {})}
+    return store.publish(name, key, files, meta)
 
 
 def reports_of(ref: ArtifactRef) -> dict[str, str]:

@@ -39,10 +39,6 @@ ENGINES_ENTRYPOINT = "flows/engines.py:clip_fp8_engines"
 ENGINES_OUTCOME = "clip-fp8-engines-outcome"
 POLL_S = 2.0
 
-build_task = stage_task(build, retries=2)
-# One benchmark per GPU type at a time (the limit `clip-fp8 deploy` creates).
-benchmark_task = stage_task(benchmark, retries=2,
-                            limit=lambda inputs: None if inputs["target"].unavailable else gpu_limit_name(inputs["target"].gpu))
 
 
 def engines_deployment(target: BuildTarget) -> str:

@@ -30,20 +30,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
     if summary.get("all_cached"):
         lines += ["", "Nothing changed since the last run: every stage came from the cache."]
 
-    if summary.get("audit_markdown"):
-        lines += ["", summary["audit_markdown"].split("\n| module |")[0].rstrip()]
-    for key in ("metrics_markdown", "deployed_markdown"):
-        if summary.get(key):
-            lines += ["", summary[key].rstrip()]
-    if summary.get("torch_fp8"):
-        t = summary["torch_fp8"]
-        lines += ["", f"torch-fp8 artifact: {t['fp8_linears']} FP8 linears, {t['fp16_linears']} left in FP16, "
-                  f"weights {_mb(t['weights_bytes'])} ({t['weights_bytes'] / t['fp16_weights_bytes']:.2f}x of FP16); "
-                  "serve it with `clip_fp8.fp8_runtime.load(<artifacts/torch_fp8>)`."]
-    for key in ("sensitivity_markdown", "recovery_markdown"):
-        if summary.get(key):
-            lines += ["", summary[key].rstrip()]
-    for markdown in summary.get("failure_markdown", []):
+    # Each stage's own sections, in stage order (what it published), then what failing stages attached to their error.
+    for markdown in [*summary.get("sections", []), *summary.get("failure_markdown", [])]:
         lines += ["", markdown.rstrip()]
 
     onnx = summary.get("onnx") or {}

@@ -19,7 +19,7 @@ from clip_fp8.artifacts import sha256_json
 from clip_fp8.caching import library_versions
 from clip_fp8.config import PipelineConfig
 from clip_fp8.promotion import PromotionError, promote
-from clip_fp8.tasks.evaluate import allowed_drop
+from clip_fp8.tasks.gate import over_limit
 
 # The libraries whose versions a record keeps: what the artifacts were made and checked with.
 RECORDED_LIBRARIES = {"torch", "transformers", "modelopt", "onnx", "onnxruntime", "prefect", "tensorrt",
@@ -81,9 +81,8 @@ def regression_reasons(record: dict[str, Any], promoted: dict[str, Any], config:
     # Like with like: the promoted run's metrics of the runtime this run's gate judged, where it has them.
     then = promoted.get("runtime_metrics", {}).get(record.get("gate_runtime") or "", then)
     for metric in sorted(now.keys() & then.keys()):
-        drop, limit = then[metric] - now[metric], allowed_drop(metric, config.evaluation.max_drop)
-        if drop > limit:
-            reasons.append(f"{metric} {then[metric]:.4f} -> {now[metric]:.4f} (drop {drop:.4f} > max_drop {limit})")
+        if why := over_limit(metric, then[metric], now[metric], config.evaluation.max_drop):
+            reasons.append(why)
     budget, then_timed = config.promotion.max_latency_increase, latency_by_gpu(promoted)
     now_timed = latency_by_gpu(record)
     for gpu, rows in now_timed.items():  # like with like: the same GPU type only

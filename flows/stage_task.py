@@ -1,15 +1,16 @@
 """The Prefect layer over the stage functions: one generic wrapper gives every stage the same task.
 
-``stage_task(fn)`` turns a plain stage function (``clip_fp8.stage``) into a Prefect task whose
-parameters are the function's own (less ``out_dir``, plus the ``store`` to publish into), with:
+``stage_task(fn)`` turns a declared stage function (``clip_fp8.stage``, ``@stage``) into a Prefect task
+(one per function, made on first use) whose parameters are the function's own (less ``out_dir``, plus the
+``store`` to publish into), with:
 - caching: ``StagePolicy`` keys it with ``clip_fp8.caching.stage_key`` (content, settings, the source of
   every module it imports, library versions), computed once by Prefect and read back inside the task;
-- retries for transient failures only (``clip_fp8.errors.is_transient`` decides);
+- the retries the stage declares, for transient failures only (``clip_fp8.errors.is_transient`` decides);
 - atomic publication (``clip_fp8.stage.execute``) and the stage's markdown reports as UI artifacts,
   also those a failing stage attaches to its error (the audit table, the gate table);
 - its imports resolved before it runs, one stage at a time (``clip_fp8.imports.preload``: lazy
   packages are not thread-safe to resolve);
-- an optional Prefect concurrency limit named from the inputs (the benchmark's ``gpu:<GPU name>``);
+- the Prefect concurrency limit the stage names from its inputs, if any (the benchmark's ``gpu:<GPU name>``);
 - wall-clock start and end of each execution, for the run report (cache hits do not execute).
 Result records and cache-key locks are per run (``output.root``): ``stage_results`` sets them (locks in the
 bucket itself for an ``s3://`` root, so that hosts sharing only the bucket compute each artifact once).
@@ -17,6 +18,7 @@ bucket itself for an ``s3://`` root, so that hosts sharing only the bucket compu
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import threading
@@ -37,10 +39,7 @@ from clip_fp8.caching import stage_key
 from clip_fp8.errors import PipelineError, is_transient
 from clip_fp8.imports import preload
 from clip_fp8.locking import LeasedFileLockManager
-from clip_fp8.stage import bind_inputs, execute, reports_of, stage_name, stage_parameters
-
-# Every stage function wrapped in this process (the flow module wraps each once).
-STAGES: list[Callable] = []
+from clip_fp8.stage import STAGES, bind_inputs, execute, reports_of, spec_of, stage_name, stage_parameters
 
 # task run id -> (start, end) wall-clock seconds of executions in this process.
 EXECUTIONS: dict[str, tuple[float, float]] = {}
@@ -84,11 +83,12 @@ def publish_reports(reports: dict[str, str], stage: str) -> None:
         create_markdown_artifact(key=key, markdown=markdown, description=f"clip-fp8 {stage}")
 
 
-def stage_task(fn: Callable, *, retries: int = 0,
-               limit: Callable[[dict[str, Any]], str | None] | None = None):
+@functools.cache
+def stage_task(fn: Callable):
     """The Prefect task of stage ``fn``: same parameters, cached, retried, published (see module docstring)."""
     name = stage_name(fn)
-    STAGES.append(fn)
+    spec = spec_of(fn)
+    retries, limit = spec.retries, spec.limit
 
     def run_stage(*args, store: ArtifactStore, **kwargs) -> ArtifactRef:
         inputs = bind_inputs(fn, args, kwargs)

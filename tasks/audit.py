@@ -17,7 +17,7 @@ from pathlib import Path
 from clip_fp8.artifacts import ArtifactRef
 from clip_fp8.config import QuantizationConfig
 from clip_fp8.errors import AuditError, collected
-from clip_fp8.stage import StageOutput
+from clip_fp8.stage import Reads, StageOutput, stage
 from clip_fp8.tasks.quantizer_names import ATTENTION_QUANTIZERS
 
 
@@ -136,13 +136,16 @@ def audit_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def audit(quantized: ArtifactRef, cfg: QuantizationConfig, out_dir: Path) -> StageOutput:
+@stage()
+def audit(quantized: ArtifactRef, cfg: Reads[QuantizationConfig, "exclude", "quantize_attention", "quantize_layernorm"],
+          out_dir: Path) -> StageOutput:
     """Review the quantizer table; raise ``AuditError`` naming every gap (the table goes to the UI either way)."""
     summary = coverage(json.loads(quantized.file("quantizers").read_text()), cfg, quantized.meta.get("recovered"))
-    reports = {"quantization-audit": audit_markdown(summary)}
+    overview, modules = audit_markdown(summary).split("\n| module |", 1)
+    reports = {"quantization-audit": overview.rstrip() + "\n", "quantization-audit-details": "| module |" + modules}
     if not summary["passed"]:
         raise collected(AuditError, "quantization audit failed", summary["problems"], reports)
     (out_dir / "audit.json").write_text(json.dumps(summary, indent=1))
-    return StageOutput(files={"audit": "audit.json"}, reports=reports,
-                       meta={"towers": summary["towers"], "exclusions": summary["exclusions"], "quantizers_enabled": summary["quantizers_enabled"],
-                             "quantizers_total": summary["quantizers_total"]})
+    facts = {k: summary[k] for k in ("towers", "exclusions", "quantizers_enabled", "quantizers_total")}
+    return StageOutput(files={"audit": "audit.json"}, reports=reports, meta=facts, summary={"audit": facts},
+                       shown={"audit": "audit"})

@@ -7,11 +7,12 @@ from pathlib import Path
 
 from clip_fp8.artifacts import ArtifactRef
 from clip_fp8.config import ModelConfig
-from clip_fp8.stage import StageOutput
-from clip_fp8.tasks.checkpoints import load_clip
+from clip_fp8.stage import Reads, StageOutput, stage
+from clip_fp8.tasks.checkpoints import ModelSettings, load_clip
 
 
-def baseline_model(model_source: ArtifactRef, cfg: ModelConfig, out_dir: Path) -> StageOutput:
+@stage(retries=2)
+def baseline_model(model_source: ArtifactRef, cfg: ModelSettings, out_dir: Path) -> StageOutput:
     model = load_clip(model_source.path, cfg)
     vision, text = model.config.vision_config, model.config.text_config
     info = {
@@ -30,4 +31,4 @@ def baseline_model(model_source: ArtifactRef, cfg: ModelConfig, out_dir: Path) -
         "projection_dim": model.config.projection_dim,
     }
     (out_dir / "baseline.json").write_text(json.dumps(info, indent=1))
-    return StageOutput(files={"baseline": "baseline.json"}, meta=info)
+    return StageOutput(files={"baseline": "baseline.json"}, meta=info, summary={"model": info})

@@ -16,9 +16,10 @@ from pathlib import Path
 
 from clip_fp8.artifacts import ArtifactRef
 from clip_fp8.config import BenchmarkConfig, ModelConfig
-from clip_fp8.stage import StageOutput
+from clip_fp8.stage import Reads, StageOutput, stage
+from clip_fp8.tasks.checkpoints import ModelSettings
 from clip_fp8.tasks.tensorrt import (
-    Target, bench_inputs, parse_trtexec_performance, time_engine, timing_row, trtexec_benchmark_command,
+    Target, bench_inputs, gpu_limit_name, parse_trtexec_performance, time_engine, timing_row, trtexec_benchmark_command,
 )
 
 
@@ -129,8 +130,12 @@ def time_engines(built: ArtifactRef, target: Target, cfg: BenchmarkConfig, out_d
     return rows, skipped
 
 
+# One timing per GPU type at a time (the limit `clip-fp8 deploy` creates).
+@stage(retries=2, limit=lambda inputs: None if inputs["target"].unavailable else gpu_limit_name(inputs["target"].gpu))
 def benchmark(engines: list[ArtifactRef], model_source: ArtifactRef, torch_fp8: ArtifactRef | None,
-              model_cfg: ModelConfig, cfg: BenchmarkConfig, target: Target, out_dir: Path) -> StageOutput:
+              model_cfg: ModelSettings, cfg: Reads[BenchmarkConfig, "enabled", "batch_sizes", "warmup_ms", "duration_s",
+                                                   "pytorch_baselines", "torch_fp8"],
+              target: Target, out_dir: Path) -> StageOutput:
     """Engines where TensorRT built them; on any CUDA GPU also the PyTorch FP16 baselines and torch-fp8."""
     if not cfg.enabled:
         return StageOutput.skipped("benchmark.enabled=false")
@@ -166,4 +171,4 @@ def benchmark(engines: list[ArtifactRef], model_source: ArtifactRef, torch_fp8: 
     if not rows:
         return StageOutput(files={"benchmark": "benchmark.json"},
                            meta={**result, "skip_reason": "; ".join(sorted(set(skipped.values()))) or "nothing to time"})
-    return StageOutput(files={"benchmark": "benchmark.json"}, meta=result)
+    return StageOutput(files={"benchmark": "benchmark.json"}, meta=result, summary={"benchmark": result} if rows else {})

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from clip_fp8.artifacts import ArtifactRef
 from clip_fp8.config import BuildConfig
-from clip_fp8.stage import StageOutput
+from clip_fp8.stage import Reads, StageOutput, stage
 from clip_fp8.tasks.tensorrt import (
     Target, build_with_api, fp8_supported, layer_info_with_api, onnx_input, onnx_vocab_size, precision_census,
     trtexec_build_command,
@@ -49,7 +49,13 @@ def build_engine(name: str, onnx_path: Path, cfg: BuildConfig, target: Target, o
             "precision": precision_census(layer_info) or "unavailable (layer information needs a GPU)"}
 
 
-def build(repaired: ArtifactRef, cfg: BuildConfig, target: Target, out_dir: Path) -> StageOutput:
+# What ``build_engine`` reads of build.* (which GPUs to build for are the flow's: build.targets).
+EngineSettings = Reads[BuildConfig, "enabled", "backend", "static_shapes", "workspace_mb", "optimization_level",
+                       "min_batch", "opt_batch", "max_batch"]
+
+
+@stage(retries=2)
+def build(repaired: ArtifactRef, cfg: EngineSettings, target: Target, out_dir: Path) -> StageOutput:
     if target.unavailable:
         return StageOutput.skipped(target.unavailable)
     variant = repaired.meta["variant"]
@@ -64,4 +70,6 @@ def build(repaired: ArtifactRef, cfg: BuildConfig, target: Target, out_dir: Path
         engines[name] = {**io, **build_engine(name, onnx_path, cfg, target, out_dir)}
     result = {"target": target.model_dump(), "variant": variant, "engines": engines}
     (out_dir / "engines.json").write_text(json.dumps(result, indent=1))
-    return StageOutput(files={"engines": "engines.json", **{n: e["engine"] for n, e in engines.items()}}, meta=result)
+    return StageOutput(files={"engines": "engines.json", **{n: e["engine"] for n, e in engines.items()}}, meta=result,
+                       summary={"engines": {"target": result["target"], "engines": engines}},
+                       shown={f"engine_{n}": n for n in engines})

@@ -19,7 +19,7 @@ from clip_fp8 import synthetic
 from clip_fp8.artifacts import ArtifactRef
 from clip_fp8.config import CalibrationConfig
 from clip_fp8.errors import PipelineInputError
-from clip_fp8.stage import StageOutput
+from clip_fp8.stage import Reads, StageOutput, stage
 from clip_fp8.tasks.calibration_sources import image_bytes, open_image, source_pairs
 
 
@@ -81,13 +81,19 @@ def select_pairs(source: ArtifactRef, cfg: CalibrationConfig) -> dict:
     return manifest
 
 
-def calibration_data(data_source: ArtifactRef, cfg: CalibrationConfig, out_dir: Path) -> StageOutput:
+# What ``select_pairs`` reads (not the forward batch size: quantize's; not where the data is: data_source's digest).
+SelectionSettings = Reads[CalibrationConfig, "source", "split", "image_column", "caption_column", "num_samples", "seed",
+                          "max_bad_fraction"]
+
+
+@stage(retries=2)
+def calibration_data(data_source: ArtifactRef, cfg: SelectionSettings, out_dir: Path) -> StageOutput:
     manifest = select_pairs(data_source, cfg)
     (out_dir / "manifest.json").write_text(json.dumps(manifest))
     note = ""
     if manifest["skipped"]:
         note = (f"{manifest['skipped']} images skipped (" + ", ".join(manifest["skipped_examples"][:3])
                 + (", ..." if manifest["skipped"] > 3 else "") + ")")
-    return StageOutput(files={"manifest": "manifest.json"},
-                       meta={"pairs": len(manifest["pairs"]), "skipped_images": manifest["skipped"],
-                             "skipped_examples": manifest["skipped_examples"][:5], "note": note})
+    facts = {"pairs": len(manifest["pairs"]), "skipped_images": manifest["skipped"],
+             "skipped_examples": manifest["skipped_examples"][:5]}
+    return StageOutput(files={"manifest": "manifest.json"}, meta={**facts, "note": note}, summary={"calibration": facts})

@@ -20,8 +20,9 @@ from clip_fp8 import ASSETS_DIR
 from clip_fp8.artifacts import ArtifactRef, sha256_tree
 from clip_fp8.clip import CLIP_FORWARD_LOCK, MODELOPT_LOCK, clip_model_construction
 from clip_fp8.config import ModelConfig
-from clip_fp8.devices import cuda_available
+from clip_fp8.devices import pick_device
 from clip_fp8.errors import PipelineInputError
+from clip_fp8.stage import Reads
 
 EMBEDDED_MODELS = {"tiny-clip-shapes": ASSETS_DIR / "tiny-clip-shapes"}
 CHECKPOINT_SUFFIXES = (".json", ".safetensors", ".txt", ".model")
@@ -97,12 +98,8 @@ def resolve_model_source(cfg: ModelConfig) -> ArtifactRef:
     )
 
 
-def pick_device(cfg: ModelConfig) -> str:
-    if cfg.device == "auto":
-        return "cuda" if cuda_available() else "cpu"
-    if cfg.device == "cuda" and not cuda_available():
-        raise PipelineInputError("model.device 'cuda' was asked for but no CUDA device is visible; use model.device=auto")
-    return cfg.device
+# What a stage that loads the model reads of model.*: where and in what precision (the checkpoint arrives as a ref).
+ModelSettings = Reads[ModelConfig, "device", "dtype"]
 
 
 def pick_dtype(cfg: ModelConfig, device: str):

@@ -12,13 +12,15 @@ from pathlib import Path
 
 from clip_fp8.artifacts import ArtifactRef
 from clip_fp8.config import EvaluationConfig, ModelConfig
-from clip_fp8.stage import StageOutput
-from clip_fp8.tasks.checkpoints import load_clip, load_processor, pick_device
-from clip_fp8.tasks.evaluate import evaluate_model
+from clip_fp8.devices import pick_device
+from clip_fp8.stage import Reads, StageOutput, stage
+from clip_fp8.tasks.checkpoints import ModelSettings, load_clip, load_processor
+from clip_fp8.tasks.evaluate import EvalSettings, evaluate_model
 
 
-def evaluate_baseline(model_source: ArtifactRef, eval_source: ArtifactRef, model_cfg: ModelConfig,
-                      cfg: EvaluationConfig, out_dir: Path) -> StageOutput:
+@stage(retries=1)
+def evaluate_baseline(model_source: ArtifactRef, eval_source: ArtifactRef, model_cfg: ModelSettings,
+                      cfg: EvalSettings, out_dir: Path) -> StageOutput:
     """Write ``metrics.json`` (metric name -> value, keyed ``dataset/task/metric``) for the baseline model."""
     processor, device = load_processor(model_source.path), pick_device(model_cfg)
     metrics = evaluate_model(load_clip(model_source.path, model_cfg), processor, cfg, device)

@@ -11,8 +11,7 @@ arithmetic against before it replaces them.
 FP16 is the FP32 model traced by the same TorchScript exporter (``torch.onnx.export``, which ModelOpt calls)
 and converted by the same FP16 converter ModelOpt's FP8 path uses (onnxconverter-common), so both variants are
 FP16 graphs made the same way. ModelOpt's own path for an unquantized model is a graph-wide conversion
-(``modelopt.onnx.autocast``) that spent 27 of its 46 s on the ViT-L/14 text tower in repeated shape
-inference and size checks (docs/benchmarks.md), CPU time that ran beside the FP8 branch.
+(``modelopt.onnx.autocast``), mostly repeated shape inference and size checks at ViT-L/14 (docs/benchmarks.md).
 The variants are separate stage runs keyed on the model (and, for FP8, the quantization settings), never on
 calibration. Outputs are the raw exports; ``surgery`` makes them buildable. The graph output is named
 ``text_embeds``/``image_embeds`` so serving code binds by meaning.
@@ -38,10 +37,12 @@ from clip_fp8.artifacts import ArtifactRef, scratch_directory
 from clip_fp8.clip import CLIP_FORWARD_LOCK
 from clip_fp8.config import ExportConfig, ModelConfig, QuantizationConfig
 from clip_fp8.errors import PipelineInputError
-from clip_fp8.stage import StageOutput
-from clip_fp8.tasks.checkpoints import load_clip, load_quantized
+from clip_fp8.stage import Reads, StageOutput, stage
+from clip_fp8.tasks.checkpoints import ModelSettings, load_clip, load_quantized
+from clip_fp8.tasks.quantize import QuantSettings
 
 VARIANTS = ("fp16", "fp8")
+ExportSettings = Reads[ExportConfig, "opset", "export_batch_size", "workers"]  # what ``export_graphs`` reads
 ENCODERS = ("text", "image")
 Variant = Literal["fp16", "fp8"]
 
@@ -167,8 +168,9 @@ def parameter_count(model_path: str) -> int:
                for c in (config.get("text_config", {}), config.get("vision_config", {})))
 
 
-def export(variant: Variant, model_source: ArtifactRef, model_cfg: ModelConfig, quantization: QuantizationConfig | None,
-           cfg: ExportConfig, out_dir: Path, recovered: list[str] = ()) -> StageOutput:
+@stage(retries=1)
+def export(variant: Variant, model_source: ArtifactRef, model_cfg: ModelSettings, quantization: QuantSettings | None,
+           cfg: ExportSettings, out_dir: Path, recovered: list[str] = ()) -> StageOutput:
     """Write ``<variant>_{text,image}.onnx`` into ``out_dir``; FP8 takes the quantization settings (and the
     exclusions recovery added), FP16 none, so that a change to them re-exports only the FP8 graphs."""
     if (variant == "fp8") != (quantization is not None):
@@ -178,7 +180,8 @@ def export(variant: Variant, model_source: ArtifactRef, model_cfg: ModelConfig, 
     files = {name.removesuffix(".onnx"): name for name in sizes}
     if placeholder is not None:
         files |= {f"{graph}.amax": f"{graph}.amax.json" for graph in list(files)}
-    return StageOutput(files=files, meta={"variant": variant, "bytes": sizes, "processes": processes})
+    return StageOutput(files=files, meta={"variant": variant, "bytes": sizes, "processes": processes},
+                       shown={f"raw_onnx_{variant}": ""})
 
 
 def export_both(variant: str, model_path: str, model_cfg: ModelConfig, cfg: ExportConfig, out_dir: Path,
@@ -192,13 +195,8 @@ def export_both(variant: str, model_path: str, model_cfg: ModelConfig, cfg: Expo
     return export_in_processes(variant, model_path, model_cfg, cfg, out_dir, checkpoint, placeholder), len(ENCODERS)
 
 
-# Export workers run at a lower CPU priority than the flow's process: measured on the H200 at ViT-L/14
-# (benchmarks/probe_export_contention.py, docs/benchmarks.md), quantize took 10.9 s alone and 66.9 s beside
-# two exporters with only torch's thread count bounded, and 91.4 s beside the same exports on the CPU: the
-# contention is for CPU, not GPU time. The FP8 export is on a cold run's critical path but has evaluate beside
-# it; the FP16 export has the whole run's slack (only the engines need it), yet in the ViT-L/14 cold run at equal
-# priority it stretched calibration (16.5 s, 3.1 s alone), quantize (43.2 s, 21.1 s) and the FP8 export (114 s,
-# 63 s) on the critical path. So the FP16 export runs at the lowest priority: on CPU left over.
+# Exporters compete for CPU with the critical path; the FP16 export has the run's slack, so it gets what is left.
+# Measured: docs/benchmarks.md ("export contention").
 EXPORT_NICENESS = {"fp8": 10, "fp16": 19}
 
 

@@ -17,11 +17,15 @@ from clip_fp8.artifacts import ArtifactRef
 from clip_fp8.clip import CLIP_FORWARD_LOCK
 from clip_fp8.config import CalibrationConfig, ModelConfig, QuantizationConfig
 from clip_fp8.errors import PipelineInputError
-from clip_fp8.stage import StageOutput
-from clip_fp8.tasks.checkpoints import load_clip, load_processor, register_quantized_attention
+from clip_fp8.stage import Reads, StageOutput, stage
+from clip_fp8.tasks.checkpoints import ModelSettings, load_clip, load_processor, register_quantized_attention
 from clip_fp8.tasks.quantizer_names import QUANTIZER_SUFFIXES
 
 FP8_E4M3 = {"num_bits": (4, 3), "axis": None}  # per-tensor, static (calibrated amax)
+
+
+# What ModelOpt's configuration is made of (``fp8_quant_config``): every stage that quantizes reads these.
+QuantSettings = Reads[QuantizationConfig, "format", "algorithm", "quantize_attention", "quantize_layernorm", "exclude"]
 
 
 def fp8_quant_config(cfg: QuantizationConfig, recovered: list[str] = ()) -> dict:
@@ -86,8 +90,8 @@ def build_fp8_kernels() -> bool:
 
     ModelOpt JIT-builds them (``torch.utils.cpp_extension``) on the first fake-quantized forward of a process
     and keeps the build per host (``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``). Calibration
-    does not need them; evaluate, torch_fp8 and the FP8 export do, and on a fresh H200 host all three waited
-    53-64 s for that one build in the middle of a cold run (docs/benchmarks.md). Called when the run starts,
+    does not need them; evaluate, torch_fp8 and the FP8 export do, and on a fresh host all three waited for that
+    one build in the middle of a cold run (docs/benchmarks.md). Called when the run starts,
     beside calibration, the build is done before they begin; a process that starts meanwhile waits on torch's
     build lock and then loads it. Without CUDA ModelOpt skips it and this returns False."""
     from modelopt.torch.quantization.extensions import get_cuda_ext_fp8
@@ -116,8 +120,9 @@ def quantize_placeholder(model, cfg: QuantizationConfig, recovered: list[str], d
     return model
 
 
-def quantize(model_source: ArtifactRef, calibration: ArtifactRef, data_source: ArtifactRef, model_cfg: ModelConfig,
-             calib_cfg: CalibrationConfig, cfg: QuantizationConfig, out_dir: Path,
+@stage(retries=1)
+def quantize(model_source: ArtifactRef, calibration: ArtifactRef, data_source: ArtifactRef, model_cfg: ModelSettings,
+             calib_cfg: Reads[CalibrationConfig, "batch_size"], cfg: QuantSettings, out_dir: Path,
              recovered: dict[str, str] | None = None) -> StageOutput:
     """Calibrate and FP8-quantize; write the ModelOpt checkpoint and quantizers.json into ``out_dir``.
 
@@ -184,4 +189,4 @@ def quantize(model_source: ArtifactRef, calibration: ArtifactRef, data_source: A
         "recovered": recovered,
     }
     return StageOutput(files={"checkpoint": "checkpoint", "quantizers": "quantizers.json", "config": "quant_config.json"},
-                       meta=info)
+                       meta=info, shown={"checkpoint": "checkpoint"})

@@ -11,7 +11,7 @@ decides:
 - ``auto``: the last attempt passed: done, its checkpoint is what ships. Otherwise the budget ran out:
   the error says the best value of the gated metric reached and at what FP16 share.
 
-With ``evaluation.on_gate_failure=mark`` it never raises: the run completes, marked not promotable.
+It never raises: its verdict (``message``) is what the ``gate`` stage says when the last attempt still fails.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import json
 from pathlib import Path
 
 from clip_fp8.artifacts import ArtifactRef
-from clip_fp8.errors import QualityGateError
 from clip_fp8.plotting import pyplot, save_png
-from clip_fp8.stage import StageOutput
+from clip_fp8.stage import StageOutput, stage
+from clip_fp8.tasks.gate import quality_gate
 
 SUGGESTED_MAX = 5
 SUGGESTED_MIN_SCORE = 0.1  # of the top unit's score
@@ -95,12 +95,14 @@ def recovery_markdown(result: dict, png: bytes) -> str:
     return "\n".join(lines) + "\n"
 
 
+@stage()
 def recovery(sensitivity: ArtifactRef, evaluations: list[ArtifactRef], recovered: list[str], mode: str,
-             max_fp16_fraction: float, user_exclude: list[str], on_gate_failure: str, out_dir: Path) -> StageOutput:
-    """Tabulate and plot the attempts (``evaluations[k]`` had ``recovered[:k]`` in FP16); pass, suggest or fail."""
+             max_fp16_fraction: float, user_exclude: list[str], max_drop: dict[str, float], out_dir: Path) -> StageOutput:
+    """Tabulate and plot the attempts (``evaluations[k]`` had ``recovered[:k]`` in FP16); pass, or say what next."""
     ranking = json.loads(sensitivity.file("sensitivity").read_text())
     units = {u["unit"]: u for u in ranking["units"]}
-    gates = [json.loads(e.file("metrics").read_text())["gate"] for e in evaluations]
+    gates = [quality_gate(m["baseline"], m["fp8"], max_drop)
+             for m in (json.loads(e.file("metrics").read_text()) for e in evaluations)]
     metric = gated_metric(gates[0])
     attempts = []
     for k, gate in enumerate(gates):
@@ -135,14 +137,14 @@ def recovery(sensitivity: ArtifactRef, evaluations: list[ArtifactRef], recovered
     png = plot_tradeoff(attempts, metric, chosen, out_dir / "tradeoff.png")
     (out_dir / "recovery.json").write_text(json.dumps(result, indent=1))
     reports = {"recovery": recovery_markdown(result, png)}
-    if not passed and on_gate_failure == "fail":
+    message = verdict
+    if not passed and mode == "suggest":
         failures = attempts[-1]["failures"]
-        if mode == "suggest":
-            more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
-            verdict = f"quality gate failed: {failures[0]}{more}; {verdict}"
-        raise QualityGateError(verdict, failures=failures, reports=reports)
-    return StageOutput(files={"recovery": "recovery.json", "tradeoff": "tradeoff.png"}, reports=reports,
-                       meta={"passed": passed, "verdict": verdict, "attempts": len(attempts),
-                             "note": f"{'passed' if passed else 'not passed'} after {len(attempts) - 1} exclusion(s), "
-                                     f"{attempts[-1]['fp16_share']:.2%} of the GEMM work in FP16",
-                             "fp16_share": attempts[-1]["fp16_share"], "suggestion": suggestion})
+        more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
+        message = f"quality gate failed: {failures[0]}{more}; {verdict}"
+    facts = {"passed": passed, "verdict": verdict, "message": message, "attempts": len(attempts),
+             "note": f"{'passed' if passed else 'not passed'} after {len(attempts) - 1} exclusion(s), "
+                     f"{attempts[-1]['fp16_share']:.2%} of the GEMM work in FP16",
+             "fp16_share": attempts[-1]["fp16_share"], "suggestion": suggestion}
+    return StageOutput(files={"recovery": "recovery.json", "tradeoff": "tradeoff.png"}, reports=reports, meta=facts,
+                       summary={"recovery": facts}, shown={"tradeoff_plot": "tradeoff"})

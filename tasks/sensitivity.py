@@ -27,9 +27,9 @@ from pathlib import Path
 from clip_fp8.artifacts import ArtifactRef
 from clip_fp8.clip import CLIP_FORWARD_LOCK
 from clip_fp8.config import ModelConfig, QuantizationConfig
-from clip_fp8.stage import StageOutput
-from clip_fp8.tasks.checkpoints import load_clip, load_processor, load_quantized
-from clip_fp8.tasks.quantize import fp8_quant_config
+from clip_fp8.stage import Reads, StageOutput, stage
+from clip_fp8.tasks.checkpoints import ModelSettings, load_clip, load_processor, load_quantized
+from clip_fp8.tasks.quantize import QuantSettings, fp8_quant_config
 from clip_fp8.tasks.quantizer_names import ATTENTION_QUANTIZERS
 
 OBJECTIVE = "KL(baseline || FP8) of the in-batch image->text distributions (softmax of logits_per_image), summed"
@@ -170,13 +170,14 @@ def sensitivity_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@stage(retries=1)
 def sensitivity(model_source: ArtifactRef, quantized: ArtifactRef, calibration: ArtifactRef, data_source: ArtifactRef,
-                model_cfg: ModelConfig, cfg: QuantizationConfig, samples: int, batch_size: int,
+                model_cfg: ModelSettings, cfg: QuantSettings, samples: int, batch_size: int,
                 out_dir: Path) -> StageOutput:
     """Score every unit the first attempt quantized on ``samples`` calibration pairs; rank them, most sensitive
     first, with their MACs."""
     from clip_fp8.tasks.calibration_sources import iter_calibration_batches
-    from clip_fp8.tasks.checkpoints import pick_device
+    from clip_fp8.devices import pick_device
 
     started = time.time()
     manifest = json.loads(calibration.file("manifest").read_text())
@@ -223,5 +224,6 @@ def sensitivity(model_source: ArtifactRef, quantized: ArtifactRef, calibration: 
     top = [{"unit": u["unit"], "score": u["score"]} for u in ranked[:3]]
     return StageOutput(files={"sensitivity": "sensitivity.json"}, reports={"sensitivity": sensitivity_markdown(result)},
                        meta={"units_scored": len(ranked), "top": top, "seconds": result["seconds"],
-                             "note": f"{len(ranked)} units scored; most sensitive: {ranked[0]['unit'] if ranked else '—'}"})
+                             "note": f"{len(ranked)} units scored; most sensitive: {ranked[0]['unit'] if ranked else '—'}"},
+                       shown={"sensitivity": "sensitivity"})
 

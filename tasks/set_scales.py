@@ -21,8 +21,9 @@ from pathlib import Path
 from clip_fp8.artifacts import ArtifactRef
 from clip_fp8.config import ExportConfig, ModelConfig
 from clip_fp8.errors import ScaleTransferError, collected
-from clip_fp8.stage import StageOutput
-from clip_fp8.tasks.export import ENCODERS, export_both
+from clip_fp8.stage import Reads, StageOutput, stage
+from clip_fp8.tasks.checkpoints import ModelSettings
+from clip_fp8.tasks.export import ENCODERS, ExportSettings, export_both
 
 FP8_E4M3_MAX = 448.0
 # ModelOpt's replacement for a zero scale (modelopt.onnx.quantization.qdq_utils).
@@ -93,8 +94,9 @@ def transfer_scales(model, placeholder: dict, calibrated: dict[str, float | None
     return len(updates)
 
 
-def set_scales(exported: ArtifactRef, quantized: ArtifactRef, model_source: ArtifactRef, model_cfg: ModelConfig,
-               cfg: ExportConfig, out_dir: Path) -> StageOutput:
+@stage(retries=1)
+def set_scales(exported: ArtifactRef, quantized: ArtifactRef, model_source: ArtifactRef, model_cfg: ModelSettings,
+               cfg: ExportSettings, out_dir: Path) -> StageOutput:
     """Write ``fp8_{text,image}.onnx`` into ``out_dir``: ``exported`` (export[fp8]) with ``quantized``'s scales."""
     import onnx
 
@@ -116,4 +118,4 @@ def set_scales(exported: ArtifactRef, quantized: ArtifactRef, model_source: Arti
         print(f"set_scales: {exc.failures[0]} (+{len(exc.failures) - 1} more); exporting the checkpoint afresh")
         export_both("fp8", model_source.path, model_cfg, cfg, out_dir, checkpoint=checkpoint)
         meta = {"method": "exported", "why": exc.failures[:5], "note": f"exported afresh: {exc.failures[0]}"}
-    return StageOutput(files={graph: f"{graph}.onnx" for graph in graphs}, meta=meta)
+    return StageOutput(files={graph: f"{graph}.onnx" for graph in graphs}, meta=meta, shown={"raw_onnx_fp8": ""})

@@ -22,10 +22,10 @@ from clip_fp8.artifacts import ArtifactRef
 from clip_fp8.clip import CLIP_FORWARD_LOCK
 from clip_fp8.config import BuildConfig, ExportConfig, ModelConfig
 from clip_fp8.errors import ValidationError, collected
-from clip_fp8.stage import StageOutput
+from clip_fp8.stage import Reads, StageOutput, stage
 from clip_fp8.tasks import preflight as rtx
 from clip_fp8.tasks.calibration_sources import iter_calibration_batches
-from clip_fp8.tasks.checkpoints import load_processor, load_variant
+from clip_fp8.tasks.checkpoints import ModelSettings, load_processor, load_variant
 from clip_fp8.tasks.export import ENCODERS, Variant
 
 
@@ -76,9 +76,10 @@ def torch_embeddings(model, encoder: str, inputs: np.ndarray) -> np.ndarray:
     return out.float().cpu().numpy()
 
 
+@stage()
 def surgery(variant: Variant, exported: ArtifactRef, model_source: ArtifactRef, quantized: ArtifactRef | None,
-            calibration: ArtifactRef | None, data_source: ArtifactRef | None, model_cfg: ModelConfig,
-            cfg: ExportConfig, build_cfg: BuildConfig, out_dir: Path) -> StageOutput:
+            calibration: ArtifactRef | None, data_source: ArtifactRef | None, model_cfg: ModelSettings,
+            cfg: Reads[ExportConfig, "check_samples", "min_cosine", "preflight"], build_cfg: Reads[BuildConfig, "min_batch", "opt_batch", "max_batch"], out_dir: Path) -> StageOutput:
     """Repair, check and pre-flight ``<variant>_{text,image}``; raise ``ValidationError`` naming every failed graph."""
     import onnx
 
@@ -127,4 +128,5 @@ def surgery(variant: Variant, exported: ArtifactRef, model_source: ArtifactRef, 
     if failures:
         raise collected(ValidationError, f"{variant} graphs failed their checks", failures)
     return StageOutput(files={name: f"{name}.onnx" for name in results} | {"validation": "validation.json"},
-                       meta={"variant": variant, "validation": results})
+                       meta={"variant": variant, "validation": results}, summary={"onnx": results},
+                       shown={f"onnx_{name}": name for name in results})

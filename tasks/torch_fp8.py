@@ -23,8 +23,8 @@ from pathlib import Path
 
 from clip_fp8.artifacts import ArtifactRef
 from clip_fp8.config import ModelConfig
-from clip_fp8.stage import StageOutput
-from clip_fp8.tasks.checkpoints import load_quantized
+from clip_fp8.stage import Reads, StageOutput, stage
+from clip_fp8.tasks.checkpoints import ModelSettings, load_quantized
 
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json",
                    "special_tokens_map.json", "vocab.json", "merges.txt")
@@ -106,7 +106,8 @@ def save(model, layout: dict, out_dir: Path) -> dict[str, str]:
     return {"weights": WEIGHTS, "config": "config.json", "layout": LAYOUT}
 
 
-def torch_fp8(quantized: ArtifactRef, model_cfg: ModelConfig, out_dir: Path) -> StageOutput:
+@stage(retries=1)
+def torch_fp8(quantized: ArtifactRef, model_cfg: ModelSettings, out_dir: Path) -> StageOutput:
     """Convert the quantize stage's checkpoint; runs on any host (the conversion needs no GPU)."""
     import torch
 
@@ -123,8 +124,11 @@ def torch_fp8(quantized: ArtifactRef, model_cfg: ModelConfig, out_dir: Path) -> 
     fp8_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     fp16_bytes = sum(t.numel() * (2 if t.is_floating_point() else t.element_size()) for t in model.state_dict().values())
     fp8_tensors = sum(1 for t in model.state_dict().values() if t.dtype == FP8)
-    return StageOutput(files=files, meta={
-        "weights_bytes": fp8_bytes, "fp16_weights_bytes": fp16_bytes, "fp8_linears": len(layout["fp8_linears"]),
-        "fp16_linears": len(layout["fp16_linears"]), "fp8_tensors": fp8_tensors,
-        "note": f"{len(layout['fp8_linears'])} FP8 linears, {fp8_bytes / 1e6:.2f} MB "
-                f"({fp8_bytes / fp16_bytes:.2f}x of FP16)"})
+    facts = {"weights_bytes": fp8_bytes, "fp16_weights_bytes": fp16_bytes, "fp8_linears": len(layout["fp8_linears"]),
+             "fp16_linears": len(layout["fp16_linears"]), "fp8_tensors": fp8_tensors}
+    report = (f"torch-fp8 artifact: {facts['fp8_linears']} FP8 linears, {facts['fp16_linears']} left in FP16, weights "
+              f"{fp8_bytes / 1e6:.2f} MB ({fp8_bytes / fp16_bytes:.2f}x of FP16); serve it with "
+              "`clip_fp8.fp8_runtime.load(<artifacts/torch_fp8>)`.\n")
+    return StageOutput(files=files, reports={"torch-fp8": report}, summary={"torch_fp8": facts}, shown={"torch_fp8": ""},
+                       meta={**facts, "note": f"{facts['fp8_linears']} FP8 linears, {fp8_bytes / 1e6:.2f} MB "
+                                          f"({fp8_bytes / fp16_bytes:.2f}x of FP16)"})

@@ -7,10 +7,13 @@ import inspect
 import json
 import subprocess
 import sys
+import types
+import typing
 import zipfile
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from clip_fp8.caching import code_identity
 from clip_fp8.imports import import_closure, imported_names, module_source
@@ -39,11 +42,21 @@ def layer(module: str) -> int:
 
 
 def stage_functions():
-    """The flow's stage tasks (the pipeline's and the build matrix's engines runs) -> the plain functions they wrap."""
-    from clip_fp8.flows import pipeline  # noqa: F401 - wraps every stage, into stage_task.STAGES
-    from clip_fp8.flows.stage_task import STAGES
+    """The flow's stages (the pipeline's and the build matrix's engines runs) -> the plain functions, by name."""
+    from clip_fp8.flows import pipeline  # noqa: F401 - imports every stage the flow runs
+    from clip_fp8.stage import STAGES
 
-    return {f"{fn.__name__}_task": fn for fn in STAGES}
+    return {stage_name(fn): fn for fn in STAGES if fn.__module__.startswith("clip_fp8.")}  # not a test's own
+
+
+def declared_in_tasks() -> set[str]:
+    """Every module of tasks/ that defines a function named after itself taking ``out_dir``: a stage by contract."""
+    stages = set()
+    for path in sorted((REPO / "tasks").glob("*.py")):
+        source = path.read_text()
+        if f"\ndef {path.stem}(" in source and "out_dir" in source.split(f"\ndef {path.stem}(", 1)[1].split(")")[0]:
+            stages.add(path.stem)
+    return stages
 
 
 def test_modules_import_only_their_own_layer_or_below():
@@ -54,15 +67,21 @@ def test_modules_import_only_their_own_layer_or_below():
     assert not upward, upward
 
 
-def test_stage_functions_are_plain_named_after_their_module_and_write_into_out_dir():
+def test_every_stage_is_declared_once_plain_and_named_after_its_module():
     stages = stage_functions()
-    assert set(stages) == {f"{s}_task" for s in (
-        "calibration_data", "baseline_model", "quantize", "audit", "evaluate_baseline", "evaluate", "export", "set_scales",
-        "surgery", "build", "benchmark", "sensitivity", "recovery", "torch_fp8", "evaluate_deployed")}
-    for fn in stages.values():
-        assert fn.__module__ == f"clip_fp8.tasks.{stage_name(fn)}"
+    # What the flow imports is what tasks/ holds: no stage module left out of the flow, none declared elsewhere.
+    assert set(stages) == declared_in_tasks() and len(stages) >= 16, sorted(stages)
+    for name, fn in stages.items():
+        assert fn.__module__ == f"clip_fp8.tasks.{name}"
         assert inspect.signature(fn).return_annotation in (StageOutput, "StageOutput")
         assert "store" not in {p.name for p in stage_parameters(fn)}
+        # Every config section it takes says which fields it reads (those, and only those, key it).
+        for param, hint in typing.get_type_hints(fn, include_extras=True).items():
+            options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+            for option in options:
+                if isinstance(option, type) and issubclass(option, BaseModel) and option.__module__ == "clip_fp8.config":
+                    if option.__name__ != "BuildTarget":
+                        raise AssertionError(f"{name}.{param}: a whole {option.__name__}; declare Reads[...]")
         # No Prefect below the flow layer: the stage, and everything it imports, runs without it.
         _, external = import_closure(fn.__module__)
         assert "prefect" not in external, fn.__module__
@@ -135,7 +154,7 @@ def test_loading_the_flow_imports_no_heavy_library(name):
 def _identities_with(site: Path | None) -> dict[str, str]:
     """Each stage's code identity computed in a fresh interpreter, with ``site`` first on its path."""
     code = ("import json; from clip_fp8.caching import code_identity; from clip_fp8.stage import stage_name; "
-            "from clip_fp8.flows import pipeline; from clip_fp8.flows.stage_task import STAGES; "
+            "from clip_fp8.flows import pipeline; from clip_fp8.stage import STAGES; "
             "print(json.dumps({stage_name(fn): json.dumps(code_identity(fn.__module__), sort_keys=True) for fn in STAGES}))")
     env = {**__import__("os").environ, **({"PYTHONPATH": str(site)} if site else {})}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True)

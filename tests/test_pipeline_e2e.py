@@ -22,23 +22,41 @@ def first_run(tmp_path_factory):
     return config, clip_fp8_pipeline(config)
 
 
-CPU_STAGES = ("calibration_data", "baseline_model", "evaluate_baseline", "quantize", "audit", "evaluate", "export_fp16",
-              "export_fp8", "set_scales", "surgery_fp16", "surgery_fp8", "torch_fp8", "evaluate_deployed")
-ENGINE_STAGES = ("build_fp16", "build_fp8", "benchmark")
+def declared_labels(summary: dict) -> dict[str, str]:
+    """The run's stage labels -> the declared stage each ran (``export_fp16`` -> export, ``quantize~1`` -> quantize)."""
+    from clip_fp8.stage import STAGES, stage_name
+
+    names = {stage_name(fn) for fn in STAGES}
+    found = {label: next((n for n in names if label.partition("~")[0] in (n, f"{n}_fp16", f"{n}_fp8")), None)
+             for label in summary["stages"]}
+    assert None not in found.values(), found  # every label is a declared stage
+    return found
+
+
+def computed(summary: dict) -> list[str]:
+    """The labels of the stages that did work on this host (not skipped for want of TensorRT or a GPU)."""
+    return [label for label, record in summary["stages"].items() if record["status"] != "skipped"]
 
 
 def test_default_flow_completes_every_stage(first_run):
+    from clip_fp8.stage import STAGES, stage_name
+    from clip_fp8.tasks.benchmark import benchmark
+    from clip_fp8.tasks.build import build
+    from clip_fp8.tasks.recovery import recovery
+    from clip_fp8.tasks.sensitivity import sensitivity
+
     config, summary = first_run
     assert summary["status"] == "completed"
-    assert list(summary["stages"]) == [*CPU_STAGES[:3], "export_fp16", "export_fp8", "surgery_fp16", "build_fp16",
-                                       "quantize", "audit", "evaluate", "set_scales", "surgery_fp8", "build_fp8",
-                                       "torch_fp8", "evaluate_deployed", "benchmark"]
-    for name in CPU_STAGES:
+    ran = declared_labels(summary)
+    # Every declared stage ran, but the two that only a failed gate with recovery on starts.
+    assert set(ran.values()) == {stage_name(fn) for fn in STAGES} - {stage_name(sensitivity), stage_name(recovery)}
+    for name in computed(summary):
         assert summary["stages"][name]["status"] == "completed", name
         assert summary["stages"][name]["seconds"] > 0
     # No TensorRT and no GPU on this machine: the engine stages say so, nothing is invented.
-    for name in ENGINE_STAGES:
-        assert summary["stages"][name]["status"] == "skipped"
+    engine_stages = [label for label, name in ran.items() if name in (stage_name(build), stage_name(benchmark))]
+    assert sorted(engine_stages) == sorted(set(ran) - set(computed(summary))) == ["benchmark", "build_fp16", "build_fp8"]
+    for name in engine_stages:
         assert "TensorRT" in summary["stages"][name]["note"]
     assert "no CUDA GPU" in summary["stages"]["benchmark"]["note"]
 
@@ -53,7 +71,7 @@ def test_default_flow_completes_every_stage(first_run):
 def test_summary_and_report_on_disk(first_run):
     config, summary = first_run
     on_disk = json.loads(Path(summary["artifacts"]["summary"]).read_text())
-    assert set(on_disk["stages"]) == {*CPU_STAGES, *ENGINE_STAGES}
+    assert set(on_disk["stages"]) == set(summary["stages"])
     assert {"baseline", "fp8"} <= set(on_disk["metrics"])
     report = Path(summary["artifacts"]["report"]).read_text()
     assert "## Quantization audit" in report and "## ONNX encoders" in report
@@ -104,7 +122,7 @@ def test_exported_fp8_graphs_are_repaired_checked_and_preflighted(first_run):
 def test_second_run_is_served_from_cache(first_run):
     config, first = first_run
     again = clip_fp8_pipeline(config)
-    for name in CPU_STAGES:
+    for name in computed(first):
         assert again["stages"][name]["status"] == "cached", name
     assert again["all_cached"] is True
     assert again["metrics"] == first["metrics"]
@@ -125,21 +143,40 @@ def test_published_artifacts_are_reused_without_prefects_records(first_run, tmp_
     (audit_dir,) = (moved / "store" / "audit").iterdir()
     (audit_dir / REF_FILE).unlink()  # as if the publisher died between the rename and the ref
     again = clip_fp8_pipeline(config.with_overrides([f"output.root={moved}"]))
-    status = {name: again["stages"][name]["status"] for name in CPU_STAGES}
-    assert status == {**{name: "cached" for name in CPU_STAGES}, "audit": "completed"}, status
+    status = {name: again["stages"][name]["status"] for name in computed(first)}
+    assert status == {**{name: "cached" for name in computed(first)}, "audit": "completed"}, status
     assert again["metrics"] == first["metrics"]
     assert again["artifacts"]["checkpoint"].startswith(str(moved))
     assert (audit_dir / REF_FILE).is_file()
 
 
 def test_changing_an_evaluation_setting_reruns_only_evaluation(first_run):
-    config, _ = first_run
+    config, first = first_run
     changed = config.with_overrides(["evaluation.num_samples=500"])
     summary = clip_fp8_pipeline(changed)
     status = {name: stage["status"] for name, stage in summary["stages"].items()}
     assert status["evaluate_baseline"] == status["evaluate"] == status["evaluate_deployed"] == "completed"
-    for name in set(CPU_STAGES) - {"evaluate_baseline", "evaluate", "evaluate_deployed"}:
+    for name in set(computed(first)) - {"evaluate_baseline", "evaluate", "evaluate_deployed", "gate"}:
         assert status[name] == "cached", name
+
+
+def test_a_new_gate_threshold_reruns_only_the_gate(first_run):
+    """Early cutoff: the thresholds are the gate's alone, so the evaluations' keys stay and only the gate runs."""
+    config, first = first_run
+    summary = clip_fp8_pipeline(config.with_overrides(['evaluation.max_drop={"*": 0.03}', "evaluation.on_gate_failure=mark"]))
+    status = {name: stage["status"] for name, stage in summary["stages"].items()}
+    assert [name for name in computed(first) if status[name] != "cached"] == ["gate"], status
+    assert summary["promotable"] is True and {r["max_drop"] for r in summary["quality_gate"]["rows"]} == {0.03}
+
+
+def test_a_calibration_field_that_changes_no_pair_stops_at_the_manifest(first_run):
+    """Early cutoff: ``max_bad_fraction`` re-runs the selection, which writes the same manifest on data with no
+    unreadable image; quantize reads the manifest's digest and the batch size only, so it and all after it are cached."""
+    config, first = first_run
+    summary = clip_fp8_pipeline(config.with_overrides(["calibration.max_bad_fraction=0.5"]))
+    status = {name: stage["status"] for name, stage in summary["stages"].items()}
+    assert status["calibration_data"] == "completed"
+    assert [name for name in computed(first) if status[name] != "cached"] == ["calibration_data"], status
 
 
 def test_adding_an_evaluation_dataset_reruns_only_evaluation_and_reports_both(first_run, tmp_path):
@@ -295,7 +332,7 @@ def test_onnx_runtime_check_is_against_pytorch_and_fires_on_a_damaged_graph(firs
 
 
 def test_cli_gate_and_onnx_check_exit_2_naming_what_failed(first_run):
-    """One run, two guards firing in independent branches: the gate (judging fake-quant, so evaluate itself fails)
+    """One run, two guards firing in independent branches: the gate (judging fake-quant, so it needs no graph)
     and the ONNX Runtime check. Exit 2, one error line, and the stage table names both."""
     import os
     import re
@@ -313,7 +350,7 @@ def test_cli_gate_and_onnx_check_exit_2_naming_what_failed(first_run):
     check = re.compile(r"fp(8|16)_(text|image): ONNX Runtime vs PyTorch cosine 0\.\d{4} < export\.min_cosine 0\.99999")
     assert gate.search(line) or check.search(line), line
     table = {row.split()[0]: row for row in run.stdout.splitlines() if row.split()[1:2] == ["failed"]}
-    assert gate.search(table["evaluate"]), table
+    assert gate.search(table["gate"]), table
     assert any(check.search(row) for name, row in table.items() if name.startswith("surgery")), table
 
 
@@ -344,7 +381,7 @@ def test_every_runtime_is_evaluated_or_says_why_and_onnxruntime_agrees_with_fake
     on_disk = json.loads(Path(summary["artifacts"]["summary"]).read_text())
     assert on_disk["gate_runtime"] == "onnxruntime"
     report = Path(summary["artifacts"]["report"]).read_text()
-    assert "the gate judges `onnxruntime`" in report and "| onnxruntime - fakequant |" in report
+    assert "what ships: `onnxruntime`" in report and "| onnxruntime - fakequant |" in report
     assert "`torch-fp8`: FP8 GEMMs need a CUDA GPU" in report
 
 
@@ -358,27 +395,36 @@ def test_damaged_fp8_graph_passes_the_fakequant_gate_and_fails_the_deployed_one(
     from clip_fp8.tasks.checkpoints import resolve_model_source
     from clip_fp8.tasks.eval_datasets import resolve_eval_source
     from clip_fp8.tasks.evaluate_deployed import evaluate_deployed
+    from clip_fp8.tasks.gate import gate
 
     config, summary = first_run
     shipped = run_artifact(summary, "surgery_fp8")
     damaged = shipped.model_copy(update={"path": str(shutil.copytree(shipped.path, tmp_path / "damaged"))})
     damage_one_weight_scale(damaged.file("fp8_image"), damaged.file("fp8_image"))
+    (tmp_path / "deployed").mkdir()
+    output = evaluate_deployed(run_artifact(summary, "evaluate"), resolve_model_source(config.model), damaged, None,
+                               None, resolve_eval_source(config.evaluation), config.model, config.evaluation,
+                               ["fakequant", "onnxruntime"], tmp_path / "deployed")
+    deployed = run_artifact(summary, "evaluate_deployed").model_copy(
+        update={"path": str(tmp_path / "deployed"), "files": output.files})
 
     def gate_on(gate_runtime: str, out: Path):
         out.mkdir()
-        return evaluate_deployed(run_artifact(summary, "evaluate"), resolve_model_source(config.model), damaged, None,
-                                 None, resolve_eval_source(config.evaluation), config.model, config.evaluation,
-                                 ["fakequant", "onnxruntime"], gate_runtime, out)
+        return gate(run_artifact(summary, "evaluate"), deployed, None, gate_runtime, config.evaluation, out)
 
     passed = gate_on("fakequant", tmp_path / "fakequant")
     assert passed.meta["promotable"] is True and passed.meta["gate_runtime"] == "fakequant"
-    assert "**FAIL**" not in passed.reports["deployed-quality"]  # the verdict column is fakequant's
+    assert "**FAIL**" not in passed.reports["quality-gate"]
     with pytest.raises(QualityGateError) as info:
         gate_on("onnxruntime", tmp_path / "onnxruntime")
     message = str(info.value)
     assert message.startswith("quality gate failed on runtime onnxruntime: embedded:shapes/"), message
     assert "max_drop 0.02" in message
-    assert "**FAIL**" in info.value.reports["deployed-quality"]
+    assert "**FAIL**" in info.value.reports["quality-gate"]
+    # Marked instead of failed: the deployed runtime's verdict still makes the run not promotable.
+    marked = gate(run_artifact(summary, "evaluate"), deployed, None, "onnxruntime",
+                  config.evaluation.model_copy(update={"on_gate_failure": "mark"}), tmp_path / "deployed")
+    assert marked.meta["promotable"] is False and marked.summary["promotable"] is False
 
 
 def test_torch_fp8_artifact_holds_fp8_weights_and_matches_fakequant(first_run):

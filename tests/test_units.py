@@ -116,24 +116,26 @@ def test_retries_are_for_transient_failures_only():
     from prefect.states import Failed
 
     from clip_fp8.errors import AuditError, QualityGateError, ValidationError
-    from clip_fp8.flows.pipeline import calibration_data_task, evaluate_task
-    from clip_fp8.flows.stage_task import retry_transient_only
+    from clip_fp8.flows.stage_task import retry_transient_only, stage_task
+    from clip_fp8.tasks.calibration_data import calibration_data
+    from clip_fp8.tasks.evaluate import evaluate
 
     for deterministic in (PipelineInputError("bad path"), AuditError("gap"), QualityGateError("drop"), ValidationError("cos")):
         assert retry_transient_only(None, None, Failed(data=deterministic)) is False
     for transient in (OSError("connection reset"), RuntimeError("CUDA error: unspecified launch failure")):
         assert retry_transient_only(None, None, Failed(data=transient)) is True
-    assert calibration_data_task.retries == 2 and calibration_data_task.retry_jitter_factor == 0.5
-    assert evaluate_task.retries == 1
+    assert stage_task(calibration_data).retries == 2 and stage_task(calibration_data).retry_jitter_factor == 0.5
+    assert stage_task(evaluate).retries == 1
 
 
 FLAKY_STAGE = """
 from pathlib import Path
 
 from clip_fp8.errors import PipelineInputError
-from clip_fp8.stage import StageOutput
+from clip_fp8.stage import StageOutput, stage
 
 
+@stage(retries=2)
 def flaky(marker: str, error: str, out_dir: Path) -> StageOutput:
     attempts = int(Path(marker).read_text()) + 1 if Path(marker).exists() else 1
     Path(marker).write_text(str(attempts))
@@ -155,7 +157,7 @@ def test_prefect_retries_a_transient_failure_and_never_a_deterministic_one(tmp_p
 
     (tmp_path / "flaky.py").write_text(FLAKY_STAGE)
     monkeypatch.syspath_prepend(str(tmp_path))
-    flaky = stage_task(importlib.import_module("flaky").flaky, retries=2).with_options(retry_delay_seconds=0)
+    flaky = stage_task(importlib.import_module("flaky").flaky).with_options(retry_delay_seconds=0)
     store, marker = ArtifactStore(tmp_path / "out"), tmp_path / "attempts"
 
     @flow
@@ -289,7 +291,7 @@ def test_picking_the_device_imports_torch_only_where_a_gpu_driver_could_answer(t
     import sys
 
     code = ("import sys; from clip_fp8 import devices; from clip_fp8.config import ModelConfig; "
-            "from clip_fp8.tasks.checkpoints import pick_device; from clip_fp8.tasks.runtimes import unavailable; "
+            "from clip_fp8.devices import pick_device; from clip_fp8.tasks.runtimes import unavailable; "
             "devices.GPU_DEVICE_NODES = (sys.argv[1],); "
             "print(pick_device(ModelConfig()), bool(unavailable('torch-fp8', 'cpu')), 'torch' in sys.modules)")
     node = tmp_path / "nvidiactl"
