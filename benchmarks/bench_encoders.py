@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from clip_fp8.clip import CLIP_VOCAB_SIZE
+from clip_fp8.model_locks import CLIP_VOCAB_SIZE
 from clip_fp8.encoders import ImageEncoder, TextEncoder
 from clip_fp8.timing import time_cuda
 

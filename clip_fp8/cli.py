@@ -17,7 +17,9 @@ import typer
 # An offline host cannot send Prefect's server telemetry; the attempt only prints an error.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="CLIP checkpoints to FP8 TensorRT engines.")
+# Help texts are plain text: as Rich markup, a "[/queue]" in one crashed `deploy --help`.
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="CLIP checkpoints to FP8 TensorRT engines.")
 
 
 def load_config(config_file: Optional[Path], overrides: list[str], output: Optional[str]):
@@ -268,7 +270,7 @@ def promote(
     from clip_fp8 import history
     from clip_fp8.artifacts import ArtifactStore
     from clip_fp8.config import PipelineConfig
-    from clip_fp8.flows.run_history import promotion_blockers, publish
+    from clip_fp8.flows.regression_and_promotion import promotion_blockers, publish
 
     output = _output_root(output)
     summary_path = ArtifactStore(output).root / "runs" / run_name / "summary.json"

@@ -291,6 +291,23 @@ class BenchmarkConfig(Section):
     )
 
 
+class ServingConfig(Section):
+    batch_sizes: list[int] = Field(
+        default=[1, 8, 32, 128], min_length=1,
+        description="Batch sizes a serving host compiles; the benchmark times FP8 as served against FP16 compiled at "
+        "each (interleaved rounds) and writes, per GPU type and encoder, the sizes FP8 wins (serving.json).")
+    small_batch: Literal["auto", "fp8", "fp16"] = Field(
+        "auto", description="Which form serves each size: 'auto' FP8 where it won every round, else FP16 (never slower "
+        "than FP16); 'fp8' FP8 at every size; 'fp16' FP16 below the largest size.")
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _positive(cls, sizes: list[int]) -> list[int]:
+        if bad := [b for b in sizes if b < 1]:
+            raise ValueError(f"serving.batch_sizes {bad} must be >= 1")
+        return sorted(set(sizes))
+
+
 class OutputConfig(Section):
     root: str = Field("clip-fp8-output", description="Directory, or fsspec URL (e.g. s3://bucket/prefix, credentials from the `AWS_*` environment), for runs, the artifact store and Prefect cache records.")
     run_name: str | None = Field(None, description="Name of this run's report folder; default: the flow run's name.")
@@ -309,6 +326,12 @@ class PromotionConfig(Section):
     keep_versions: int = Field(3, ge=1, description="Versions kept per model in the repository (the oldest go first).")
     include_fp16: bool = Field(False, description="Also publish the FP16 pair (`clip_image_fp16`, `clip_text_fp16`).")
     trend_runs: int = Field(30, ge=2, description="Runs of the same model in the report's history table and trend plot.")
+    min_speedup: float = Field(
+        1.0, gt=0, description="The speed gate: the FP8 form as served must be at least this times FP16 compiled at every "
+        "serving.batch_sizes, measured in the same run on the same GPU type (skipped where no GPU timed it).")
+    on_slower: Literal["fail", "mark", "promote_fp16"] = Field(
+        "mark", description="When the speed gate fails: 'fail' the run, 'mark' it not promotable, or 'promote_fp16' "
+        "(promote the FP16 encoders instead of the FP8 ones).")
 
 
 class PipelineConfig(Section):
@@ -321,6 +344,7 @@ class PipelineConfig(Section):
     export: ExportConfig = Field(ExportConfig(), description="ONNX export, surgery and pre-flight.")
     build: BuildConfig = Field(BuildConfig(), description="TensorRT engine build.")
     benchmark: BenchmarkConfig = Field(BenchmarkConfig(), description="Engine benchmark.")
+    serving: ServingConfig = Field(ServingConfig(), description="How the FP8 encoders are served: batch sizes and FP8/FP16 dispatch.")
     output: OutputConfig = Field(OutputConfig(), description="Where results go.")
     promotion: PromotionConfig = Field(PromotionConfig(), description="Run history, regression check and promotion to a Triton model repository.")
 
@@ -342,10 +366,6 @@ class PipelineConfig(Section):
                 raise ValueError(f"override '{assignment}': unknown section '{section}' (one of {', '.join(data)})")
             data[section][field] = yaml.safe_load(raw)
         return type(self).model_validate(data)
-
-    def section_json(self, name: str) -> str:
-        """Canonical JSON of one section: what a stage's cache key includes."""
-        return getattr(self, name).model_dump_json()
 
 
 class ModelEntry(Section):

@@ -14,9 +14,11 @@ Nothing changes in what Prefect's API log handler sends to the UI.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import warnings
+from pathlib import Path
 
 QUIET_ENV = "CLIP_FP8_QUIET"
 
@@ -28,11 +30,25 @@ def quiet_environment() -> None:
     os.environ.setdefault("PYTHONWARNINGS", "ignore")  # child processes (the export workers of a large model)
 
 
+@functools.cache
+def _our_code() -> tuple[str, ...]:
+    """Where Prefect's and this project's own source files are (an editable checkout keeps tasks/ and flows/ beside
+    clip_fp8/, a wheel inside it)."""
+    import prefect
+
+    import clip_fp8
+
+    core = Path(clip_fp8.__file__).resolve().parent
+    roots = [core, *(core.parent / d for d in ("tasks", "flows", "deployments")), Path(prefect.__file__).resolve().parent]
+    return tuple(str(root) + os.sep for root in roots)
+
+
 class _ConsoleFilter(logging.Filter):
-    """On the console only: Prefect and clip-fp8 progress lines below ERROR; no library chatter."""
+    """On the console only: Prefect and clip-fp8 progress lines below ERROR; no library chatter. A library's print
+    inside a task arrives on Prefect's task-run logger (``log_prints``): where it was printed tells it apart."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        ours = record.name.startswith(("prefect", "clip_fp8"))
+        ours = record.name.startswith(("prefect", "clip_fp8")) and os.path.realpath(record.pathname).startswith(_our_code())
         if ours:
             return record.levelno < logging.ERROR
         return record.levelno >= logging.ERROR and not record.exc_info

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from clip_fp8.clip import CLIP_FORWARD_LOCK
+from clip_fp8.model_locks import CLIP_FORWARD_LOCK
 
 
 def _features(out) -> torch.Tensor:

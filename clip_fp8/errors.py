@@ -31,7 +31,11 @@ class QualityGateError(PipelineError):
     """FP8 costs more quality than the gate allows."""
 
 
-class ValidationError(PipelineError):
+class SpeedGateError(PipelineError):
+    """The FP8 form as served is slower than the speed gate allows (promotion.min_speedup)."""
+
+
+class GraphCheckError(PipelineError):
     """An exported graph failed its numeric check or the strongly typed pre-flight."""
 
 

@@ -104,6 +104,11 @@ def stage(*, retries: int = 0, limit: Callable[[dict[str, Any]], str | None] | N
     return declare
 
 
+def pipeline_stages() -> list[Callable]:
+    """The declared stages of this package (``clip_fp8.tasks``), not a test's or a user's own."""
+    return [fn for fn in STAGES if fn.__module__.startswith("clip_fp8.tasks.")]
+
+
 def spec_of(fn: Callable) -> StageSpec:
     try:
         return fn.__stage__

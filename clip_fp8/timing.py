@@ -64,3 +64,44 @@ def time_cuda(launch: Callable[[int], None], *, warmup_s: float, duration_s: flo
     return {"iterations": len(times), "median_ms": statistics.median(times), "p90_ms": percentile(times, 90),
             "p95_ms": percentile(times, 95), "p99_ms": percentile(times, 99), "mean_ms": mean,
             "cv": statistics.pstdev(times) / mean if mean else 0.0}
+
+
+def block_ms(launch: Callable[[], None], iterations: int) -> float:
+    """Mean milliseconds per ``launch()`` over one block of back-to-back iterations, between two CUDA events."""
+    import torch
+
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iterations):
+        launch()
+    stop.record()
+    stop.synchronize()
+    return start.elapsed_time(stop) / iterations
+
+
+def verdict(ratios: list[float], threshold: float = 1.0) -> str:
+    """``win`` when every round's ratio (reference time / candidate time) is over ``threshold``, ``loss`` when
+    every one is under it, else ``tie``: a difference within the rounds' spread is not called either way."""
+    return "win" if min(ratios) > threshold else "loss" if max(ratios) < threshold else "tie"
+
+
+def interleaved(launches: dict[str, Callable[[], None]], rounds: int = 7, block_target_ms: float = 150.0) -> dict:
+    """Time several warmed-up forms of one computation in interleaved rounds (the order rotates each round, so
+    clock or thermal drift falls on every form alike). The first form is the reference: each other form gets its
+    per-round ratio (reference / form), median, extremes and ``verdict``. Returns ``{"forms": {name: {median_ms,
+    min_ms, max_ms, spread, rounds_ms}}, "versus": {name: {median, min, max, verdict}}}``."""
+    names = list(launches)
+    iterations = {n: max(5, min(2000, int(block_target_ms / max(block_ms(launches[n], 5), 1e-3)))) for n in names}
+    per_round: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            per_round[name].append(block_ms(launches[name], iterations[name]))
+    forms = {n: {"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t),
+                 "spread": (max(t) - min(t)) / statistics.median(t), "rounds_ms": [round(x, 4) for x in t]}
+             for n, t in per_round.items()}
+    versus = {}
+    for name in names[1:]:
+        ratios = [a / b for a, b in zip(per_round[names[0]], per_round[name])]
+        versus[name] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+                        "verdict": verdict(ratios)}
+    return {"forms": forms, "versus": versus}

@@ -29,7 +29,7 @@ from clip_fp8.artifacts import ArtifactRef, ArtifactStore
 from clip_fp8.config import BuildConfig, BuildTarget, PipelineConfig
 from clip_fp8.errors import BuildTargetError, PipelineInputError
 from clip_fp8.flows.stage_task import stage_results, stage_task
-from clip_fp8.flows.subruns import first_line, one_line, outcome_row
+from clip_fp8.flows.failures import first_line, one_line, outcome_row
 from clip_fp8.tasks.benchmark import benchmark
 from clip_fp8.tasks.build import build
 from clip_fp8.tasks.tensorrt import Target, gpu_limit_name, resolve_target
@@ -87,9 +87,9 @@ def clip_fp8_engines(target: BuildTarget, repaired: list[ArtifactRef], model_sou
     try:
         built_for = engine_target(resolve_target(config.build), target)
         with stage_results(store):
-            builds = [build_task.submit(ref, config.build, built_for, store=store) for ref in repaired]
-            timed = benchmark_task.submit(builds, model_source, torch_fp8, config.model, config.benchmark, built_for,
-                                          store=store)
+            builds = [stage_task(build).submit(ref, config.build, built_for, store=store) for ref in repaired]
+            timed = stage_task(benchmark).submit(builds, model_source, torch_fp8, config.model, config.benchmark,
+                                                 config.serving, built_for, store=store)
             wait([*builds, timed])
         done = [f.state.result() for f in builds if f.state.is_completed()]
         outcome["builds"] = json.dumps([ref.model_dump(mode="json") for ref in done])

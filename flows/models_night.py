@@ -21,7 +21,7 @@ from prefect.runtime import flow_run
 
 from clip_fp8.config import ModelEntry, PipelineConfig
 from clip_fp8.flows.pipeline import OUTCOME_ARTIFACT
-from clip_fp8.flows.subruns import first_line, outcome_row
+from clip_fp8.flows.failures import first_line, outcome_row
 
 PIPELINE_DEPLOYMENT = "clip-fp8/clip-fp8-on-demand"
 

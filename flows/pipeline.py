@@ -5,13 +5,13 @@
     export[fp8] ──────────────────────────────┼─────► set_scales ──► surgery[fp8] ──► build[fp8] ──┐  │
                                               └─────► torch_fp8 ─────────────────────────────────┐ │  ▼
     baseline_model                                                              evaluate_deployed ◄─┴──┤
-    export[fp16] ──► surgery[fp16] ──► build[fp16] ──────────────► benchmark            │              │
+    export[fp16] ──► surgery[fp16] ──► build[fp16] ──────────────► benchmark ──────────►│              │
                                                                                         ▼              │
                                                                                        gate ◄──────────┘
 
 Evaluation stages measure (``evaluate``: the fake-quant model against ``evaluate_baseline``; ``evaluate_deployed``:
 what ships, each runtime where it can run); ``gate`` judges, and is the run's one source of ``promotable``. It reads
-only their metrics, so a new threshold re-runs the gate alone. Every stage is keyed on the digests of the artifacts
+only their metrics (and the benchmark's serving table, for the speed gate), so a new threshold re-runs the gate alone. Every stage is keyed on the digests of the artifacts
 it reads and the config fields it declares (``clip_fp8.stage.Reads``): a stage that re-ran and wrote the same
 bytes stops the run there (early cutoff).
 
@@ -161,13 +161,15 @@ def clip_fp8_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
             deployed = stages.run(evaluate_deployed, stages.last("evaluate"), model_source, repaired_fp8,
                                   stages.get("build_fp8"), fp8_model, eval_source, model, evaluation,
                                   list(evaluation.runtimes))
-            # Judging fake-quant needs no deployed runtime: the gate then does not wait for the exports and surgery.
-            stages.run(gate, stages.last("evaluate"), None if gate_runtime == "fakequant" else deployed,
-                       stages.get("recovery"), gate_runtime, evaluation)
             if local_engines:
                 # Timed alone: nothing else of this run may share the GPU while it measures.
                 stages.run(benchmark, [stages["build_fp16"], stages["build_fp8"]], model_source, fp8_model, model,
-                           config.benchmark, target, wait_for=[allow_failure(f) for f in stages.values()])
+                           config.benchmark, config.serving, target, wait_for=[allow_failure(f) for f in stages.values()])
+            # Judging fake-quant needs no deployed runtime: the gate then does not wait for the exports and surgery.
+            stages.run(gate, stages.last("evaluate"), None if gate_runtime == "fakequant" else deployed,
+                       stages.get("recovery"), allow_failure(stages["benchmark"]) if local_engines else None, gate_runtime,
+                       evaluation, config.serving,
+                       config.promotion)
             record.settle(stages)
             record.settle_targets(targets)
             if kernels is not None:

@@ -21,8 +21,8 @@ from prefect.runtime import flow_run
 from clip_fp8 import history
 from clip_fp8.artifacts import ArtifactRef, ArtifactStore, atomic_write, write_json_atomic
 from clip_fp8.config import PipelineConfig
-from clip_fp8.flows.run_history import record_run
-from clip_fp8.flows.subruns import failure_of, one_line
+from clip_fp8.flows.regression_and_promotion import record_run
+from clip_fp8.flows.failures import failure_of, one_line
 from clip_fp8.flows.report import plot_benchmark, plot_trend, render_markdown
 from clip_fp8.flows.stage_task import EXECUTIONS, REUSED
 from clip_fp8.stage import DETAILS, SHOWN, SUMMARY, reports_of
@@ -172,7 +172,7 @@ class RunRecord:
                 pass
 
     def _record_history(self) -> None:
-        """The run's history record, regression check and promotion (``flows/run_history.py``), and what the
+        """The run's history record, regression check and promotion (``flows/regression_and_promotion.py``), and what the
         report shows of them. A failure here is reported, never hides the run's own outcome."""
         s = self.summary
         calibration = self.refs.get("calibration_data")

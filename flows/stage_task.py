@@ -39,7 +39,9 @@ from clip_fp8.caching import stage_key
 from clip_fp8.errors import PipelineError, is_transient
 from clip_fp8.imports import preload
 from clip_fp8.locking import LeasedFileLockManager
-from clip_fp8.stage import STAGES, bind_inputs, execute, reports_of, spec_of, stage_name, stage_parameters
+from clip_fp8.stage import (
+    bind_inputs, execute, pipeline_stages, reports_of, spec_of, stage_name, stage_parameters,
+)
 
 # task run id -> (start, end) wall-clock seconds of executions in this process.
 EXECUTIONS: dict[str, tuple[float, float]] = {}
@@ -66,7 +68,7 @@ def warm_keys() -> None:
     2 cores), e.g. while a Prefect server starts, instead of in the first cache lookup."""
     from clip_fp8.caching import stage_code_digest
 
-    for fn in STAGES:
+    for fn in pipeline_stages():
         stage_code_digest(fn.__module__)
 
 

@@ -85,6 +85,9 @@ def coverage(rows: list[dict], cfg: QuantizationConfig, recovered: dict[str, str
                     problems.append(f"Linear {module} is in scope but left unquantized (enabled: {sorted(enabled) or 'none'})")
         if any(q["quantizer"] in ATTENTION_QUANTIZERS for q in qs):
             towers[tower]["attention_total"] += 1
+            # An attention the user or recovery left in FP16 is out of scope, like an excluded Linear.
+            if not any(r.startswith(("quantization.exclude", "quantization.recovery")) for r in reasons):
+                towers[tower]["attention_in_scope"] += 1
             if all(enabled.get(q) for q in ATTENTION_QUANTIZERS):
                 towers[tower]["attention_quantized"] += 1
         if base == "Conv2d" and enabled:
@@ -93,11 +96,12 @@ def coverage(rows: list[dict], cfg: QuantizationConfig, recovered: dict[str, str
     attention_live = sum(t["attention_quantized"] for t in towers.values())
     if cfg.quantize_attention:
         attention_total = sum(t["attention_total"] for t in towers.values())
+        in_scope = sum(t["attention_in_scope"] for t in towers.values())
         if attention_total == 0:
             problems.append("quantization.quantize_attention is on but no attention module has Q/K/V quantizers "
                             "(was CLIPAttention registered with ModelOpt before quantizing?)")
-        elif attention_live < attention_total:
-            problems.append(f"only {attention_live} of {attention_total} attention modules have calibrated Q/K/V "
+        elif attention_live < in_scope:
+            problems.append(f"only {attention_live} of {in_scope} attention modules in scope have calibrated Q/K/V "
                             "quantizers (SDPA path required: an eager attention is never hooked)")
     for name in ("image", "text"):
         if towers[name]["linear_in_scope"] and towers[name]["linear_quantized"] == 0:

@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 from clip_fp8.artifacts import ArtifactRef
-from clip_fp8.config import BenchmarkConfig, ModelConfig
+from clip_fp8.config import BenchmarkConfig, ModelConfig, ServingConfig
 from clip_fp8.stage import Reads, StageOutput, stage
 from clip_fp8.tasks.checkpoints import ModelSettings
 from clip_fp8.tasks.tensorrt import (
@@ -130,13 +130,56 @@ def time_engines(built: ArtifactRef, target: Target, cfg: BenchmarkConfig, out_d
     return rows, skipped
 
 
+def serving_table(model_path: str, model_cfg, artifact: ArtifactRef, batch_sizes: list[int], rounds: int = 7) -> dict:
+    """FP8 as a serving host runs it (``fp8_runtime.load``: Q/K/V fused, compiled, CUDA graphs) against FP16
+    compiled the same way, per tower and batch size, in interleaved rounds (``clip_fp8.timing.interleaved``): each
+    size's verdict, and the form that serves it (FP8 where it won every round, else FP16). GPU only."""
+    import torch
+
+    from clip_fp8.encoders import ImageEncoder, TextEncoder
+    from clip_fp8.fp8_runtime import load
+    from clip_fp8.tasks.checkpoints import load_clip
+    from clip_fp8.timing import interleaved
+
+    fp16 = load_clip(model_path, model_cfg.model_copy(update={"device": "cuda", "dtype": "float16"}))
+    fp8 = load(artifact.local_dir(), device="cuda", batch_sizes=batch_sizes, small_batch="fp8")  # FP8 is what is measured
+    dims, vocab = model_dims(model_path), fp16.config.text_config.vocab_size
+    towers: dict[str, dict] = {}
+    for tower, wrap, encode in (("image", ImageEncoder, fp8.encode_image), ("text", TextEncoder, fp8.encode_text)):
+        compiled = torch.compile(wrap(fp16).eval(), mode="reduce-overhead", dynamic=False)
+        for batch in batch_sizes:
+            x = bench_inputs((batch, *dims[tower][1:]), torch.int64 if tower == "text" else torch.float16, batch, vocab)
+
+            def as_fp16(x=x, compiled=compiled):
+                with torch.inference_mode():
+                    compiled(x).clone()
+
+            def as_fp8(x=x, encode=encode):
+                encode(x)
+            for _ in range(3):  # compile, record, replay: outside the measured rounds
+                as_fp16()
+                as_fp8()
+            timed = interleaved({"fp16": as_fp16, "fp8": as_fp8}, rounds=rounds)
+            forms, versus = timed["forms"], timed["versus"]["fp8"]
+            served_by = "fp8" if versus["verdict"] == "win" else "fp16"
+            towers.setdefault(tower, {})[str(batch)] = {
+                "fp16_ms": forms["fp16"]["median_ms"], "fp8_ms": forms["fp8"]["median_ms"],
+                "served_by": served_by, "served_ms": forms[served_by]["median_ms"],
+                "speedup": versus["median"], "speedup_min": versus["min"], "speedup_max": versus["max"],
+                "verdict": versus["verdict"], "spread": {f: forms[f]["spread"] for f in forms}}
+    del fp16, fp8
+    torch.cuda.empty_cache()
+    return {"gpu": torch.cuda.get_device_name(), "rounds": rounds, "towers": towers}
+
+
 # One timing per GPU type at a time (the limit `clip-fp8 deploy` creates).
 @stage(retries=2, limit=lambda inputs: None if inputs["target"].unavailable else gpu_limit_name(inputs["target"].gpu))
 def benchmark(engines: list[ArtifactRef], model_source: ArtifactRef, torch_fp8: ArtifactRef | None,
               model_cfg: ModelSettings, cfg: Reads[BenchmarkConfig, "enabled", "batch_sizes", "warmup_ms", "duration_s",
                                                    "pytorch_baselines", "torch_fp8"],
-              target: Target, out_dir: Path) -> StageOutput:
-    """Engines where TensorRT built them; on any CUDA GPU also the PyTorch FP16 baselines and torch-fp8."""
+              serving: Reads[ServingConfig, "batch_sizes"], target: Target, out_dir: Path) -> StageOutput:
+    """Engines where TensorRT built them; on any CUDA GPU also the PyTorch FP16 baselines and torch-fp8, and the
+    serving table (``serving.json``: where FP8 beats FP16, per GPU type, tower and batch size)."""
     if not cfg.enabled:
         return StageOutput.skipped("benchmark.enabled=false")
     import torch
@@ -144,7 +187,7 @@ def benchmark(engines: list[ArtifactRef], model_source: ArtifactRef, torch_fp8: 
     from clip_fp8.devices import fp8_support
 
     built = [ref for ref in engines if "skip_reason" not in ref.meta]
-    rows, skipped = [], {}
+    rows, skipped, files, served = [], {}, {"benchmark": "benchmark.json"}, {}
     if reasons := sorted({ref.meta["skip_reason"] for ref in engines if "skip_reason" in ref.meta}):
         skipped["engines"] = "; ".join(reasons)
     for ref in built:
@@ -164,11 +207,18 @@ def benchmark(engines: list[ArtifactRef], model_source: ArtifactRef, torch_fp8: 
             skipped["torch-fp8"] = why_not
         else:
             rows += benchmark_torch_fp8(torch_fp8, dims, cfg)
+            from clip_fp8.fp8_runtime import SERVING
+
+            table = serving_table(model_source.path, model_cfg, torch_fp8, list(serving.batch_sizes))
+            (out_dir / SERVING).write_text(json.dumps({"gpus": {table["gpu"]: table["towers"]}}, indent=1))
+            files["serving"] = SERVING
+            served = {"serving": table}
     else:
         skipped["pytorch"] = "no CUDA GPU: the PyTorch and torch-fp8 runtimes are timed on GPUs only"
-    result = {"target": target.model_dump(), "rows": rows, "skipped": skipped}
+    result = {"target": target.model_dump(), "rows": rows, "skipped": skipped, **served}
     (out_dir / "benchmark.json").write_text(json.dumps(result, indent=1))
     if not rows:
-        return StageOutput(files={"benchmark": "benchmark.json"},
+        return StageOutput(files=files,
                            meta={**result, "skip_reason": "; ".join(sorted(set(skipped.values()))) or "nothing to time"})
-    return StageOutput(files={"benchmark": "benchmark.json"}, meta=result, summary={"benchmark": result} if rows else {})
+    return StageOutput(files=files, meta=result, summary={"benchmark": result},
+                       shown={"serving_table": "serving"} if "serving" in files else {})

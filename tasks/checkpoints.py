@@ -18,7 +18,7 @@ from pathlib import Path
 
 from clip_fp8 import ASSETS_DIR
 from clip_fp8.artifacts import ArtifactRef, sha256_tree
-from clip_fp8.clip import CLIP_FORWARD_LOCK, MODELOPT_LOCK, clip_model_construction
+from clip_fp8.model_locks import CLIP_FORWARD_LOCK, MODELOPT_LOCK, clip_model_construction
 from clip_fp8.config import ModelConfig
 from clip_fp8.devices import pick_device
 from clip_fp8.errors import PipelineInputError

@@ -18,7 +18,7 @@ calibration. Outputs are the raw exports; ``surgery`` makes them buildable. The 
 
 An export is a traced forward, and two process-global switches are set while it runs: torch.onnx's
 "exporting" flag (which every fake-quant forward in the process reads) and ModelOpt's patched attention
-function (see ``clip_fp8.clip.CLIP_FORWARD_LOCK``). A small model exports in this process holding
+function (see ``clip_fp8.model_locks.CLIP_FORWARD_LOCK``). A small model exports in this process holding
 that lock, so no other stage's forward sees either; a large one exports each graph in a spawned process
 of its own, where it runs beside the other stages instead of waiting for them.
 """
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Literal
 
 from clip_fp8.artifacts import ArtifactRef, scratch_directory
-from clip_fp8.clip import CLIP_FORWARD_LOCK
+from clip_fp8.model_locks import CLIP_FORWARD_LOCK
 from clip_fp8.config import ExportConfig, ModelConfig, QuantizationConfig
 from clip_fp8.errors import PipelineInputError
 from clip_fp8.stage import Reads, StageOutput, stage

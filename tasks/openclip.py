@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 
 from clip_fp8.artifacts import atomic_directory, cache_base, sha256_file
-from clip_fp8.clip import CLIP_VOCAB_SIZE
+from clip_fp8.model_locks import CLIP_VOCAB_SIZE
 from clip_fp8.errors import PipelineInputError
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -210,7 +210,7 @@ def convert(name_or_config: str, pretrained: str | None, allow_pickle: bool, pre
 
     state = read_state_dict(checkpoint, allow_pickle)
     hf_config = clip_config(config, quick_gelu)
-    from clip_fp8.clip import clip_model_construction
+    from clip_fp8.model_locks import clip_model_construction
 
     with clip_model_construction():
         model = CLIPModel(hf_config)

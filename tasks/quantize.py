@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from clip_fp8.artifacts import ArtifactRef
-from clip_fp8.clip import CLIP_FORWARD_LOCK
+from clip_fp8.model_locks import CLIP_FORWARD_LOCK
 from clip_fp8.config import CalibrationConfig, ModelConfig, QuantizationConfig
 from clip_fp8.errors import PipelineInputError
 from clip_fp8.stage import Reads, StageOutput, stage

@@ -51,6 +51,18 @@ def exclusion_reasons(units: list[dict]) -> dict[str, str]:
     return {u["exclude"]: f"sensitivity rank {rank}, KL {u['score']:.3g}" for rank, u in enumerate(units, 1)}
 
 
+def out_of_budget(ranking: dict, max_fp16_fraction: float) -> str:
+    """What to say when not even the most sensitive unit fits the FP16 budget: which units, and the budget that
+    would admit the first of them."""
+    top = ranking["units"][:SUGGESTED_MAX]
+    if not top:
+        return "no unit was scored; nothing recovery could leave in FP16"
+    needed = fp16_share(ranking, [top[0]["unit"]])
+    return (f"no unit fits in quantization.max_fp16_fraction {max_fp16_fraction} (the user's exclusions alone leave "
+            f"{fp16_share(ranking, []):.2%} of the GEMM work in FP16); the most sensitive: "
+            f"{', '.join(u['exclude'] for u in top)}; quantization.max_fp16_fraction={needed:.4f} admits the first")
+
+
 def set_flag(patterns: list[str]) -> str:
     return "--set 'quantization.exclude=[" + ", ".join(f'"{p}"' for p in patterns) + "]'"
 
@@ -127,8 +139,7 @@ def recovery(sensitivity: ArtifactRef, evaluations: list[ArtifactRef], recovered
         suggestion = [*user_exclude, *(u["exclude"] for u in picks)]
         verdict = (f"leave in FP16, most sensitive first: {', '.join(u['exclude'] for u in picks)}, i.e. "
                    f"{set_flag(suggestion)} (or quantization.recovery=auto)" if picks
-                   else f"no unit fits in quantization.max_fp16_fraction {max_fp16_fraction} (the user's exclusions "
-                        f"alone leave {fp16_share(ranking, []):.2%} of the GEMM work in FP16); raise it")
+                   else out_of_budget(ranking, max_fp16_fraction))
     chosen = len(attempts) - 1 if passed else None
     result = {"mode": mode, "metric": metric["metric"], "gate_line": metric["baseline"] - metric["max_drop"],
               "max_fp16_fraction": max_fp16_fraction, "attempts": attempts, "passed": passed, "verdict": verdict,

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from clip_fp8.artifacts import ArtifactRef
-from clip_fp8.clip import CLIP_FORWARD_LOCK
+from clip_fp8.model_locks import CLIP_FORWARD_LOCK
 from clip_fp8.config import ModelConfig, QuantizationConfig
 from clip_fp8.stage import Reads, StageOutput, stage
 from clip_fp8.tasks.checkpoints import ModelSettings, load_clip, load_processor, load_quantized

@@ -19,9 +19,9 @@ import numpy as np
 
 from clip_fp8 import synthetic
 from clip_fp8.artifacts import ArtifactRef
-from clip_fp8.clip import CLIP_FORWARD_LOCK
+from clip_fp8.model_locks import CLIP_FORWARD_LOCK
 from clip_fp8.config import BuildConfig, ExportConfig, ModelConfig
-from clip_fp8.errors import ValidationError, collected
+from clip_fp8.errors import GraphCheckError, collected
 from clip_fp8.stage import Reads, StageOutput, stage
 from clip_fp8.tasks import preflight as rtx
 from clip_fp8.tasks.calibration_sources import iter_calibration_batches
@@ -80,7 +80,7 @@ def torch_embeddings(model, encoder: str, inputs: np.ndarray) -> np.ndarray:
 def surgery(variant: Variant, exported: ArtifactRef, model_source: ArtifactRef, quantized: ArtifactRef | None,
             calibration: ArtifactRef | None, data_source: ArtifactRef | None, model_cfg: ModelSettings,
             cfg: Reads[ExportConfig, "check_samples", "min_cosine", "preflight"], build_cfg: Reads[BuildConfig, "min_batch", "opt_batch", "max_batch"], out_dir: Path) -> StageOutput:
-    """Repair, check and pre-flight ``<variant>_{text,image}``; raise ``ValidationError`` naming every failed graph."""
+    """Repair, check and pre-flight ``<variant>_{text,image}``; raise ``GraphCheckError`` naming every failed graph."""
     import onnx
 
     from clip_fp8.tasks.onnx_passes import qdq_census, repair_for_strong_typing
@@ -126,7 +126,7 @@ def surgery(variant: Variant, exported: ArtifactRef, model_source: ArtifactRef, 
         results[name] = entry
     (out_dir / "validation.json").write_text(json.dumps(results, indent=1))
     if failures:
-        raise collected(ValidationError, f"{variant} graphs failed their checks", failures)
+        raise collected(GraphCheckError, f"{variant} graphs failed their checks", failures)
     return StageOutput(files={name: f"{name}.onnx" for name in results} | {"validation": "validation.json"},
                        meta={"variant": variant, "validation": results}, summary={"onnx": results},
                        shown={f"onnx_{name}": name for name in results})

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from clip_fp8.clip import CLIP_VOCAB_SIZE
+from clip_fp8.model_locks import CLIP_VOCAB_SIZE
 from clip_fp8.config import BuildConfig
 
 INSTALL_HINT = ("install TensorRT (NVIDIA's TensorRT container, or `pip install tensorrt` from NVIDIA's index) "

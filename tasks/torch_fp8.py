@@ -44,7 +44,7 @@ def convert(quantized, dtype=None):
     import torch
     from transformers import CLIPModel
 
-    from clip_fp8.clip import clip_model_construction
+    from clip_fp8.model_locks import clip_model_construction
     from clip_fp8.fp8_runtime import FORMAT, FP8, FP8_MAX, gemm_fits, swap_in_fp8_linears
 
     dtype = dtype or torch.float16

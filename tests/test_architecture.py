@@ -44,9 +44,9 @@ def layer(module: str) -> int:
 def stage_functions():
     """The flow's stages (the pipeline's and the build matrix's engines runs) -> the plain functions, by name."""
     from clip_fp8.flows import pipeline  # noqa: F401 - imports every stage the flow runs
-    from clip_fp8.stage import STAGES
+    from clip_fp8.stage import pipeline_stages
 
-    return {stage_name(fn): fn for fn in STAGES if fn.__module__.startswith("clip_fp8.")}  # not a test's own
+    return {stage_name(fn): fn for fn in pipeline_stages()}
 
 
 def declared_in_tasks() -> set[str]:
@@ -87,6 +87,7 @@ def test_every_stage_is_declared_once_plain_and_named_after_its_module():
         assert "prefect" not in external, fn.__module__
 
 
+@pytest.mark.slow
 def test_the_wheel_installs_one_top_level_name(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
                     str(REPO)], check=True, capture_output=True, timeout=300)
@@ -130,6 +131,7 @@ def test_editing_a_helper_rekeys_exactly_the_stages_that_import_it():
     assert _changed_stages("clip_fp8.locking") == set()
 
 
+@pytest.mark.slow
 def test_the_import_graph_covers_what_importing_a_stage_loads():
     """An independent check of the static graph: every project module that importing a stage's module
     actually loads (in a fresh interpreter) is in that stage's closure."""
@@ -143,6 +145,7 @@ def test_the_import_graph_covers_what_importing_a_stage_loads():
         assert loaded - packages <= set(closure), (fn.__module__, loaded - set(closure))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["torch", "onnx", "modelopt", "transformers"])
 def test_loading_the_flow_imports_no_heavy_library(name):
     """Cached runs stay fast: the stages import their libraries when they run, not when the flow loads."""
@@ -154,13 +157,14 @@ def test_loading_the_flow_imports_no_heavy_library(name):
 def _identities_with(site: Path | None) -> dict[str, str]:
     """Each stage's code identity computed in a fresh interpreter, with ``site`` first on its path."""
     code = ("import json; from clip_fp8.caching import code_identity; from clip_fp8.stage import stage_name; "
-            "from clip_fp8.flows import pipeline; from clip_fp8.stage import STAGES; "
-            "print(json.dumps({stage_name(fn): json.dumps(code_identity(fn.__module__), sort_keys=True) for fn in STAGES}))")
+            "from clip_fp8.flows import pipeline; from clip_fp8.stage import pipeline_stages; "
+            "print(json.dumps({stage_name(fn): json.dumps(code_identity(fn.__module__), sort_keys=True) for fn in pipeline_stages()}))")
     env = {**__import__("os").environ, **({"PYTHONPATH": str(site)} if site else {})}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("distribution, stages", [
     ("clip-benchmark", {"evaluate_baseline", "evaluate", "evaluate_deployed"}),
     ("onnxruntime", {"surgery", "evaluate_deployed"}),
@@ -182,3 +186,20 @@ def test_a_library_upgrade_rekeys_exactly_the_stages_that_import_it(tmp_path, di
             (info / name).write_text(text)
     before, after = _identities_with(None), _identities_with(tmp_path)
     assert {s for s in before if before[s] != after[s]} == stages
+
+
+@pytest.mark.slow
+def test_a_second_checkout_on_the_path_is_refused_naming_both_trees(tmp_path):
+    """The editable install maps clip_fp8.tasks to this checkout's tasks/: a clone first on PYTHONPATH brings its own
+    clip_fp8 but not that, so its edits would not run. Importing fails at once instead, naming both folders."""
+    import shutil
+
+    clone = tmp_path / "clone"
+    for folder in ("clip_fp8", "tasks", "flows"):
+        shutil.copytree(REPO / folder, clone / folder)
+    for package in ("clip_fp8.tasks", "clip_fp8.flows"):
+        run = subprocess.run([sys.executable, "-c", f"import {package}"], capture_output=True, text=True, timeout=120,
+                             cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(clone)})
+        assert run.returncode == 1, run.stderr
+        (line,) = [x for x in run.stderr.splitlines() if x.startswith("ImportError")]
+        assert f"{REPO / package.split('.')[1]}" in line and f"{clone / 'clip_fp8'}" in line, line

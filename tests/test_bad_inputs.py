@@ -63,6 +63,7 @@ def test_empty_dataset_folder(fast_config, tmp_path):
     _run_expecting(fast_config.with_overrides([f"calibration.source=coco:{empty}"]), "inputs", str(empty))
 
 
+@pytest.mark.slow
 def test_unreadable_dataset_images_name_the_limit_hit_and_the_change_that_fixes_it(fast_config, tmp_path):
     # 6 usable of 12 for 8 samples: no max_bad_fraction can help, only fewer samples.
     coco = write_coco_folder(tmp_path / "coco", n_images=12, corrupt=6)
@@ -85,6 +86,7 @@ def test_unreadable_dataset_images_name_the_limit_hit_and_the_change_that_fixes_
     assert tried - bad == 9 and suggested == math.ceil(100 * bad / tried) / 100 >= bad / tried
 
 
+@pytest.mark.slow
 def test_a_run_that_skips_images_says_how_many_and_names_some(tmp_path):
     """A captions file that names a missing image and one corrupt image: the stage completes, and its note (the
     stage table's line) counts both and names them; missing and unreadable are told apart."""
@@ -122,6 +124,7 @@ def test_exclusion_pattern_matching_nothing(fast_config):
     assert not quantize_dir.exists() or not any(quantize_dir.iterdir())
 
 
+@pytest.mark.slow
 def test_cli_prints_one_line_and_exits_2(tmp_path):
     env = {**os.environ, "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "true"}
     result = subprocess.run(

@@ -10,7 +10,7 @@ import pytest
 
 from clip_fp8.artifacts import ArtifactRef
 from clip_fp8.caching import stage_key
-from clip_fp8.clip import CLIP_VOCAB_SIZE
+from clip_fp8.model_locks import CLIP_VOCAB_SIZE
 from clip_fp8.config import BuildConfig
 from clip_fp8.flows.pipeline import clip_fp8_pipeline
 from clip_fp8.tasks.build import build
@@ -46,6 +46,7 @@ def rtx_run(tmp_path_factory):
     return clip_fp8_pipeline(config)
 
 
+@pytest.mark.slow
 def test_flow_builds_fp16_and_fp8_engines_with_tensorrt_rtx(rtx_run):
     assert rtx_run["stages"]["build_fp16"]["status"] == rtx_run["stages"]["build_fp8"]["status"] == "completed"
     engines = rtx_run["engines"]["engines"]
@@ -57,6 +58,7 @@ def test_flow_builds_fp16_and_fp8_engines_with_tensorrt_rtx(rtx_run):
     assert "RTX GPUs only" in rtx_run["stages"]["benchmark"]["note"]
 
 
+@pytest.mark.slow
 def test_benchmark_inputs_stay_inside_the_exported_vocabulary(rtx_run):
     # Token ids for timing are drawn below the embedding table's rows, read off each text graph (FP16 and FP8).
     from clip_fp8.tasks.checkpoints import EMBEDDED_MODELS
@@ -67,6 +69,7 @@ def test_benchmark_inputs_stay_inside_the_exported_vocabulary(rtx_run):
         assert onnx_vocab_size(Path(rtx_run["artifacts"][f"onnx_{name}"])) == vocab != CLIP_VOCAB_SIZE
 
 
+@pytest.mark.slow
 def test_older_gpu_skips_fp8_but_builds_fp16(rtx_run, tmp_path):
     def repaired(variant: str) -> ArtifactRef:
         onnx = Path(rtx_run["artifacts"][f"onnx_{variant}_text"])
@@ -110,6 +113,7 @@ def test_missing_tensorrt_is_a_reported_skip():
     assert target.backend == "none" and "build.backend=trtexec" in target.unavailable
 
 
+@pytest.mark.slow
 def test_trtexec_build_command_per_version(rtx_run, tmp_path):
     onnx = Path(rtx_run["artifacts"]["onnx_fp8_image"])
     cfg = BuildConfig(min_batch=1, opt_batch=128, max_batch=128)

@@ -49,6 +49,7 @@ def test_cifar100_python_files_are_checked_and_the_error_names_the_way_out(tiny,
         evaluate_model(*tiny, cfg, "cpu")
 
 
+@pytest.mark.slow
 def test_recipe_datasets_in_one_run_cifar100_imagenet1k_mscoco(tiny, tmp_path):
     """The recipe's three evaluations in one configuration, each through CLIP_benchmark's loader. Text batches
     are one class's templates: CIFAR-100's 18 and, for ImageNet's torchvision layout, 1,000 classnames x 80."""

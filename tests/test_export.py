@@ -31,6 +31,7 @@ def refs(tmp_path_factory):
     return model, quantized
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["fp16", "fp8"])
 def test_export_in_processes_writes_the_same_graphs_as_in_process(refs, tmp_path, variant):
     model, quantized = refs

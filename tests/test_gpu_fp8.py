@@ -36,7 +36,7 @@ def modelopt_eager_fp8():
 def vit_l_14(path):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from clip_fp8.clip import CLIP_VOCAB_SIZE
+    from clip_fp8.model_locks import CLIP_VOCAB_SIZE
     from clip_fp8.tasks.checkpoints import EMBEDDED_MODELS, load_processor
 
     tokenizer = load_processor(EMBEDDED_MODELS["tiny-clip-shapes"]).tokenizer
@@ -96,3 +96,42 @@ def test_torch_fp8_loads_runs_compiled_matches_fakequant_and_holds_fp8_weights(m
         assert got.shape == reference.shape and torch.isfinite(got).all()
         again = encode(torch.from_numpy(inputs[encoder][:3]))  # a smaller batch: padded to the compiled size
         assert torch.allclose(again.float().cpu(), got[:3], atol=1e-2, rtol=1e-2)
+
+
+def test_the_loaded_runtime_serves_each_size_by_the_form_its_table_names_and_the_forms_agree(tmp_path):
+    """A serving table for this GPU (image batch 1 and text batch 8 in FP16, the rest FP8): each compiled size runs
+    the form the table names, and the FP16 twin agrees with the FP8 form (same FP8-rounded weights)."""
+    from clip_fp8.config import PipelineConfig
+    from clip_fp8.fp8_runtime import SERVING, load
+    from clip_fp8.stage import execute
+    from clip_fp8.tasks.calibration_data import calibration_data
+    from clip_fp8.tasks.calibration_sources import resolve_data_source
+    from clip_fp8.tasks.checkpoints import resolve_model_source
+    from clip_fp8.tasks.quantize import quantize
+    from clip_fp8.tasks.torch_fp8 import torch_fp8
+    from clip_fp8.artifacts import ArtifactStore
+
+    config = PipelineConfig().with_overrides(["calibration.num_samples=256", "calibration.batch_size=128"])
+    store = ArtifactStore(str(tmp_path / "store"))
+    model_source, data_source = resolve_model_source(config.model), resolve_data_source(config.calibration)
+    calib = execute(calibration_data, store, "c", {"data_source": data_source, "cfg": config.calibration})
+    quantized = execute(quantize, store, "q", {"model_source": model_source, "calibration": calib,
+                                               "data_source": data_source, "model_cfg": config.model,
+                                               "calib_cfg": config.calibration, "cfg": config.quantization})
+    artifact = execute(torch_fp8, store, "t", {"quantized": quantized, "model_cfg": config.model})
+    gpu = torch.cuda.get_device_name()
+    table = {"gpus": {gpu: {"image": {"1": {"served_by": "fp16"}, "8": {"served_by": "fp8"}},
+                            "text": {"1": {"served_by": "fp8"}, "8": {"served_by": "fp16"}}}}}
+    (tmp_path / SERVING).write_text(json.dumps(table))
+    clip = load(artifact.local_dir(), device="cuda", batch_sizes=(1, 8), dispatch=tmp_path / SERVING)
+    assert {(t, b): clip.served_by(t, b) for t in ("image", "text") for b in (1, 8)} == {
+        ("image", 1): "fp16", ("image", 8): "fp8", ("text", 1): "fp8", ("text", 8): "fp16"}
+    size = clip.model.config.vision_config.image_size
+    pixels = torch.randn(8, 3, size, size, device="cuda", dtype=torch.float16)
+    ids = torch.randint(0, clip.model.config.text_config.vocab_size - 1, (8, 77), device="cuda")
+    ids[:, -1] = clip.model.config.text_config.eos_token_id
+    cos = torch.nn.functional.cosine_similarity
+    for encode, x in ((clip.encode_image, pixels), (clip.encode_text, ids)):
+        batch = encode(x).float()  # batch 8
+        singles = torch.cat([encode(x[i:i + 1]).float() for i in range(8)])  # batch 1: the other form
+        assert cos(batch, singles).min() >= 0.99

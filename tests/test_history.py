@@ -14,7 +14,7 @@ import pytest
 from clip_fp8 import history
 from clip_fp8.config import PipelineConfig
 from clip_fp8.flows.pipeline import clip_fp8_pipeline
-from clip_fp8.promotion import LATEST, Repository, promote, reconcile
+from clip_fp8.triton_repository import LATEST, Repository, promote, reconcile
 
 # A change that makes FP8 worse on the embedded model: LayerNorm inputs and the patch embedding quantized too
 # (the reference recipe keeps the latter in FP16), calibrated on one pair. The tiny model is robust, so its FP8
@@ -84,7 +84,7 @@ def test_three_nights_are_recorded_unchanged_and_regressed_and_only_the_first_is
     fell = {m for m, v in worse["metrics"]["fp8"].items() if v < first["metrics"]["fp8"][m]}
     assert fell, "the worse config must make some FP8 metric worse"  # the premise of this test
     assert r3["regression"]["against"] == first["run"]
-    assert {reason.split(" ")[0] for reason in r3["regression"]["reasons"]} == fell, r3["regression"]
+    assert {reason.split(": ")[0] for reason in r3["regression"]["reasons"]} == fell, r3["regression"]
     # Whether the worse night's own gate fails depends on where its FP8 lands against its baseline (CPUs differ
     # in the last bits); the regression against the promoted night is what this test is about.
     skipped = r3["promotion"]["skipped"]
@@ -207,7 +207,7 @@ def test_two_workers_appending_at_once_both_land(tmp_path):
 
 
 def test_latency_regression_needs_the_same_gpu_and_the_budget_exceeded():
-    from clip_fp8.flows.run_history import regression_reasons
+    from clip_fp8.flows.regression_and_promotion import regression_reasons
 
     config = PipelineConfig()
     promoted = {"metrics": {"fp8": {}}, "gpu": "NVIDIA H100",
@@ -226,6 +226,25 @@ def test_latency_regression_needs_the_same_gpu_and_the_budget_exceeded():
         "NVIDIA L40S": {"status": "completed", "benchmark": {"rows": [{"engine": "fp8_image", "batch": 128, "median_ms": 900.0}]}}}}
     (reason,) = regression_reasons(matrix, promoted, config)
     assert reason.startswith("fp8_image batch 128 on NVIDIA H100 100.000 -> 120.000 ms (+20.0%")
+
+
+def test_speedups_as_served_are_recorded_and_a_drop_on_the_same_gpu_regresses():
+    """The speed gate's per-size speedups go into the record, and the regression check compares them per GPU type."""
+    from clip_fp8.flows.regression_and_promotion import _serving_speedups, regression_reasons
+
+    def speed(gpu: str, text_b1: float) -> dict:
+        return {"status": "passed", "gpu": gpu, "rows": [{"tower": "text", "batch": 1, "speedup": text_b1},
+                                                         {"tower": "image", "batch": 128, "speedup": 1.35}]}
+
+    promoted = {"metrics": {"fp8": {}}, "serving": _serving_speedups(speed("NVIDIA H100", 1.26))}
+    assert promoted["serving"] == {"NVIDIA H100": {"text/1": 1.26, "image/128": 1.35}}
+    assert _serving_speedups({"status": "skipped", "reason": "no GPU", "rows": [], "losing": []}) == {}
+    config = PipelineConfig()
+    now = lambda gpu, x: {"metrics": {"fp8": {}}, "serving": _serving_speedups(speed(gpu, x))}
+    assert regression_reasons(now("NVIDIA H100", 1.22), promoted, config) == []  # within 5 %
+    (reason,) = regression_reasons(now("NVIDIA H100", 1.10), promoted, config)
+    assert reason == "text batch 1 on NVIDIA H100: speedup as served 1.26x -> 1.10x (> max_latency_increase 5% slower)"
+    assert regression_reasons(now("NVIDIA H200", 1.00), promoted, config) == []  # another GPU type: nothing to compare
 
 
 def test_promotion_settings_are_checked():

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from prefect.locking.filesystem import FileSystemLockManager
 
 from clip_fp8.locking import LeasedFileLockManager
@@ -32,6 +33,7 @@ def hold_in_subprocess(lock_dir: Path, module: str, cls: str, extra: str = "") -
     return proc
 
 
+@pytest.mark.slow
 def test_live_holder_keeps_the_lock_and_a_killed_one_loses_it(tmp_path):
     proc = hold_in_subprocess(tmp_path, "clip_fp8.locking", "LeasedFileLockManager", ", lease_seconds=1.0")
     waiter = LeasedFileLockManager(tmp_path, lease_seconds=1.0)
@@ -50,6 +52,7 @@ def test_live_holder_keeps_the_lock_and_a_killed_one_loses_it(tmp_path):
     assert not waiter.is_locked("stage-key")
 
 
+@pytest.mark.slow
 def test_prefects_own_file_lock_outlives_a_killed_holder(tmp_path):
     """Why the lease exists: Prefect's transactions pass no hold timeout, so this lock never expires."""
     proc = hold_in_subprocess(tmp_path, "prefect.locking.filesystem", "FileSystemLockManager")

@@ -88,6 +88,7 @@ def test_unknown_model_and_offline_tag_say_what_to_do():
         convert("ViT-L-14", "laion2b_s32b_b82k", allow_pickle=False)
 
 
+@pytest.mark.slow
 def test_pipeline_quantizes_every_linear_of_an_open_clip_model(open_clip_checkpoint, tmp_path):
     """The reason for converting: open_clip's own attention is invisible to ModelOpt; the converted model is covered."""
     from clip_fp8.flows.pipeline import clip_fp8_pipeline

@@ -24,9 +24,9 @@ def first_run(tmp_path_factory):
 
 def declared_labels(summary: dict) -> dict[str, str]:
     """The run's stage labels -> the declared stage each ran (``export_fp16`` -> export, ``quantize~1`` -> quantize)."""
-    from clip_fp8.stage import STAGES, stage_name
+    from clip_fp8.stage import pipeline_stages, stage_name
 
-    names = {stage_name(fn) for fn in STAGES}
+    names = {stage_name(fn) for fn in pipeline_stages()}
     found = {label: next((n for n in names if label.partition("~")[0] in (n, f"{n}_fp16", f"{n}_fp8")), None)
              for label in summary["stages"]}
     assert None not in found.values(), found  # every label is a declared stage
@@ -39,7 +39,7 @@ def computed(summary: dict) -> list[str]:
 
 
 def test_default_flow_completes_every_stage(first_run):
-    from clip_fp8.stage import STAGES, stage_name
+    from clip_fp8.stage import pipeline_stages, stage_name
     from clip_fp8.tasks.benchmark import benchmark
     from clip_fp8.tasks.build import build
     from clip_fp8.tasks.recovery import recovery
@@ -49,7 +49,7 @@ def test_default_flow_completes_every_stage(first_run):
     assert summary["status"] == "completed"
     ran = declared_labels(summary)
     # Every declared stage ran, but the two that only a failed gate with recovery on starts.
-    assert set(ran.values()) == {stage_name(fn) for fn in STAGES} - {stage_name(sensitivity), stage_name(recovery)}
+    assert set(ran.values()) == {stage_name(fn) for fn in pipeline_stages()} - {stage_name(sensitivity), stage_name(recovery)}
     for name in computed(summary):
         assert summary["stages"][name]["status"] == "completed", name
         assert summary["stages"][name]["seconds"] > 0
@@ -408,9 +408,10 @@ def test_damaged_fp8_graph_passes_the_fakequant_gate_and_fails_the_deployed_one(
     deployed = run_artifact(summary, "evaluate_deployed").model_copy(
         update={"path": str(tmp_path / "deployed"), "files": output.files})
 
-    def gate_on(gate_runtime: str, out: Path):
-        out.mkdir()
-        return gate(run_artifact(summary, "evaluate"), deployed, None, gate_runtime, config.evaluation, out)
+    def gate_on(gate_runtime: str, out: Path, evaluation=config.evaluation):
+        out.mkdir(exist_ok=True)
+        return gate(run_artifact(summary, "evaluate"), deployed, None, None, gate_runtime, evaluation, config.serving,
+                    config.promotion, out)
 
     passed = gate_on("fakequant", tmp_path / "fakequant")
     assert passed.meta["promotable"] is True and passed.meta["gate_runtime"] == "fakequant"
@@ -422,8 +423,7 @@ def test_damaged_fp8_graph_passes_the_fakequant_gate_and_fails_the_deployed_one(
     assert "max_drop 0.02" in message
     assert "**FAIL**" in info.value.reports["quality-gate"]
     # Marked instead of failed: the deployed runtime's verdict still makes the run not promotable.
-    marked = gate(run_artifact(summary, "evaluate"), deployed, None, "onnxruntime",
-                  config.evaluation.model_copy(update={"on_gate_failure": "mark"}), tmp_path / "deployed")
+    marked = gate_on("onnxruntime", tmp_path / "marked", config.evaluation.model_copy(update={"on_gate_failure": "mark"}))
     assert marked.meta["promotable"] is False and marked.summary["promotable"] is False
 
 
@@ -439,7 +439,7 @@ def test_torch_fp8_artifact_holds_fp8_weights_and_matches_fakequant(first_run):
     config, summary = first_run
     artifact = run_artifact(summary, "torch_fp8")
     assert summary["stages"]["torch_fp8"]["status"] == "completed"
-    clip = load(artifact.path, device="cpu", dtype=torch.float32)
+    clip = load(artifact.path, device="cpu", dtype=torch.float32, fuse=False)  # the artifact's layers as written
     assert clip.fp8_weights() == artifact.meta["fp8_tensors"] > 0
     assert any(p.dtype == FP8 for p in clip.model.parameters())
     assert artifact.meta["weights_bytes"] < 0.75 * artifact.meta["fp16_weights_bytes"]
@@ -450,3 +450,45 @@ def test_torch_fp8_artifact_holds_fp8_weights_and_matches_fakequant(first_run):
         reference = torch.from_numpy(torch_embeddings(fake, encoder, inputs[encoder]))
         got = encode(torch.from_numpy(inputs[encoder])).float()
         assert torch.nn.functional.cosine_similarity(got, reference).min() >= 0.99, encoder
+
+
+def test_torch_fp8_fuses_qkv_exactly_and_serves_each_size_by_the_form_its_table_names(first_run, tmp_path):
+    """On this CPU, the artifact as a serving host loads it: Q/K/V in one GEMM gives the unfused embeddings (the
+    scales are folded, no weight re-rounded); a serving.json beside it sends image batch 1 to the FP16 twin and
+    batch 8 to FP8, both agreeing with the fake-quant model; small_batch=fp8 overrides the table."""
+    import shutil
+
+    import torch
+
+    from clip_fp8.fp8_runtime import SERVING, FusedQKVAttention, load
+    from clip_fp8.tasks.checkpoints import EMBEDDED_MODELS, load_quantized
+    from clip_fp8.tasks.surgery import check_inputs, torch_embeddings
+
+    config, summary = first_run
+    artifact = Path(shutil.copytree(run_artifact(summary, "torch_fp8").path, tmp_path / "torch_fp8"))
+    manifest = json.loads(run_artifact(summary, "calibration_data").file("manifest").read_text())
+    inputs = check_inputs(str(EMBEDDED_MODELS["tiny-clip-shapes"]), manifest, "", 8)
+    pixels, ids = torch.from_numpy(inputs["image"]), torch.from_numpy(inputs["text"])
+    unfused = load(artifact, device="cpu", dtype=torch.float32, fuse=False)
+    fused = load(artifact, device="cpu", dtype=torch.float32)
+    assert sum(isinstance(m, FusedQKVAttention) for m in fused.model.modules()) == 4  # 2 layers per tower
+    cos = torch.nn.functional.cosine_similarity
+    for encode in ("encode_image", "encode_text"):
+        x = pixels if encode == "encode_image" else ids
+        assert cos(getattr(fused, encode)(x), getattr(unfused, encode)(x)).min() >= 0.9999, encode
+
+    table = {"gpus": {"cpu": {"image": {"1": {"served_by": "fp16"}, "8": {"served_by": "fp8"}},
+                              "text": {"1": {"served_by": "fp8"}, "8": {"served_by": "fp8"}}}}}
+    (artifact / SERVING).write_text(json.dumps(table))
+    served = load(artifact, device="cpu", dtype=torch.float32, batch_sizes=(1, 8))
+    assert [served.served_by("image", b) for b in (1, 8)] == ["fp16", "fp8"]
+    assert [served.served_by("text", b) for b in (1, 8)] == ["fp8", "fp8"]
+    assert set(served.twins) == {"image"} and 0 < served.fp16_fallback_bytes < 4 * served.weights_bytes
+    fake = load_quantized(summary["artifacts"]["checkpoint"], config.model)
+    reference = torch.from_numpy(torch_embeddings(fake, "image", inputs["image"]))
+    one = served.encode_image(pixels[:1]).float()  # FP16 twin
+    eight = served.encode_image(pixels).float()  # FP8
+    assert cos(one, reference[:1]).min() >= 0.99 and cos(eight, reference).min() >= 0.99
+    assert not torch.equal(one[0], eight[0])  # two forms, really: the same image through each
+    forced = load(artifact, device="cpu", dtype=torch.float32, batch_sizes=(1, 8), small_batch="fp8")
+    assert forced.served_by("image", 1) == "fp8" and not forced.twins

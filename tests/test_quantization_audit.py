@@ -53,6 +53,27 @@ def test_audit_fails_when_attention_is_requested_but_not_quantized():
     assert summary["towers"]["image"]["attention_quantized"] == 0
 
 
+def test_an_attention_unit_recovery_leaves_in_fp16_passes_the_audit_attributed_to_recovery():
+    """Recovery's exclusion of one attention unit (sensitivity's pattern for it) is a decision, not a gap: the next
+    attempt's audit passes, says recovery left it in FP16 and why, and still counts the other attentions."""
+    from clip_fp8.tasks.recovery import exclusion_reasons
+    from clip_fp8.tasks.sensitivity import exclusion_pattern
+
+    unit = {"unit": "vision_model.encoder.layers.1.self_attn", "kind": "attention", "score": 0.5}
+    unit["exclude"] = exclusion_pattern(unit)
+    recovered = exclusion_reasons([unit])
+    cfg = QuantizationConfig()
+    model = _quantize(fp8_quant_config(cfg, list(recovered)))
+    summary = coverage(quantizer_table(model), cfg, recovered)
+    assert summary["passed"], summary["problems"]
+    (entry,) = [m for m in summary["modules"] if m["module"] == unit["unit"]]
+    assert entry["excluded"] == [f"quantization.recovery '{unit['exclude']}' (sensitivity rank 1, KL 0.5)"]
+    image = summary["towers"]["image"]
+    assert image["attention_total"] == 2 and image["attention_in_scope"] == image["attention_quantized"] == 1
+    # The same table audited without recovery's word for it is a gap again.
+    assert not coverage(quantizer_table(model), cfg)["passed"]
+
+
 def test_audit_fails_when_calibration_never_reaches_a_tower():
     import modelopt.torch.quantization as mtq
 

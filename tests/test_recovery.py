@@ -136,3 +136,32 @@ def test_an_impossible_fp16_budget_is_refused(value):
 
     with pytest.raises(ValidationError, match="max_fp16_fraction"):
         PipelineConfig().with_overrides([f"quantization.max_fp16_fraction={value}"])
+
+
+def test_suggest_out_of_budget_names_the_units_and_the_budget_that_admits_the_first(tmp_path):
+    """No unit fits the FP16 budget: the verdict names the most sensitive units and the max_fp16_fraction that would
+    admit the first, not just "raise it"."""
+    import json
+
+    from clip_fp8.artifacts import ArtifactRef
+    from clip_fp8.tasks.recovery import recovery
+
+    ranking = {"total_macs": 1000, "fp16_units": [{"unit": "patch", "macs": 90}], "units": [
+        {"unit": "vision_model.encoder.layers.1.mlp.fc1", "exclude": "vision_model.encoder.layers.1.mlp.fc1.*",
+         "macs": 64, "score": 0.9},
+        {"unit": "text_projection", "exclude": "text_projection.*", "macs": 10, "score": 0.2}]}
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "sensitivity.json").write_text(json.dumps(ranking))
+    (tmp_path / "e").mkdir()
+    metric = "embedded:shapes/zeroshot_classification/acc1"
+    (tmp_path / "e" / "metrics.json").write_text(json.dumps({"baseline": {metric: 0.95}, "fp8": {metric: 0.90}}))
+    refs = [ArtifactRef(stage=n, path=str(tmp_path / d), digest=n, files={k: f"{k}.json"})
+            for n, d, k in (("sensitivity", "s", "sensitivity"), ("evaluate", "e", "metrics"))]
+    (tmp_path / "out").mkdir()
+    output = recovery(refs[0], [refs[1]], [], "suggest", 0.12, ["*patch_embedding*"], {"*": 0.02}, tmp_path / "out")
+    message = output.meta["message"]
+    assert message.startswith(f"quality gate failed: {metric}: 0.9500 -> 0.9000 (drop 0.0500 > max_drop 0.02); "), message
+    assert ("no unit fits in quantization.max_fp16_fraction 0.12 (the user's exclusions alone leave 9.00% of the GEMM "
+            "work in FP16); the most sensitive: vision_model.encoder.layers.1.mlp.fc1.*, text_projection.*; "
+            "quantization.max_fp16_fraction=0.1540 admits the first") in message, message
+    assert output.meta["passed"] is False and output.meta["suggestion"] == ["*patch_embedding*"]  # nothing added

@@ -21,6 +21,8 @@ BIN = Path(sys.executable).parent
 STAGES = ("calibration_data", "baseline_model", "quantize", "audit", "evaluate_baseline", "evaluate", "export_fp16",
           "export_fp8", "set_scales", "surgery_fp16", "surgery_fp8")
 
+pytestmark = pytest.mark.slow  # a real S3 API (moto's server) and hosts in subprocesses
+
 
 @pytest.fixture(scope="module")
 def s3_endpoint():

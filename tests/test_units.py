@@ -115,12 +115,12 @@ def test_missing_captions_file_is_named(tmp_path):
 def test_retries_are_for_transient_failures_only():
     from prefect.states import Failed
 
-    from clip_fp8.errors import AuditError, QualityGateError, ValidationError
+    from clip_fp8.errors import AuditError, GraphCheckError, QualityGateError
     from clip_fp8.flows.stage_task import retry_transient_only, stage_task
     from clip_fp8.tasks.calibration_data import calibration_data
     from clip_fp8.tasks.evaluate import evaluate
 
-    for deterministic in (PipelineInputError("bad path"), AuditError("gap"), QualityGateError("drop"), ValidationError("cos")):
+    for deterministic in (PipelineInputError("bad path"), AuditError("gap"), QualityGateError("drop"), GraphCheckError("cos")):
         assert retry_transient_only(None, None, Failed(data=deterministic)) is False
     for transient in (OSError("connection reset"), RuntimeError("CUDA error: unspecified launch failure")):
         assert retry_transient_only(None, None, Failed(data=transient)) is True

@@ -18,7 +18,7 @@ from clip_fp8 import history
 from clip_fp8.artifacts import sha256_json
 from clip_fp8.caching import library_versions
 from clip_fp8.config import PipelineConfig
-from clip_fp8.promotion import PromotionError, promote
+from clip_fp8.triton_repository import PromotionError, promote
 from clip_fp8.tasks.gate import over_limit
 
 # The libraries whose versions a record keeps: what the artifacts were made and checked with.
@@ -55,10 +55,18 @@ def build_record(summary: dict[str, Any], config: PipelineConfig, calibration_di
         # The build matrix: each GPU type's engines timed on its own pool (flows/engines.py).
         "targets": {gpu: {"status": t["status"], "benchmark": {"rows": _latency_rows((t.get("benchmark") or {}).get("meta"))}}
                     for gpu, t in (summary.get("targets") or {}).items()},
+        # The speed gate's timings as served, per GPU type: tower/batch -> speedup over FP16 compiled.
+        "serving": _serving_speedups(summary.get("speed_gate")),
         "status": summary["status"], "error": summary.get("error"), "promotable": bool(summary.get("promotable")),
         "unchanged": bool(summary.get("all_cached")),
         "regression": {"against": None, "reasons": []}, "promotion": None,
     }
+
+
+def _serving_speedups(speed: dict | None) -> dict[str, dict[str, float]]:
+    if not speed or speed.get("status") == "skipped":
+        return {}
+    return {speed["gpu"]: {f"{r['tower']}/{r['batch']}": r["speedup"] for r in speed["rows"]}}
 
 
 def _latency_rows(bench: dict | None) -> list[dict]:
@@ -84,6 +92,12 @@ def regression_reasons(record: dict[str, Any], promoted: dict[str, Any], config:
         if why := over_limit(metric, then[metric], now[metric], config.evaluation.max_drop):
             reasons.append(why)
     budget, then_timed = config.promotion.max_latency_increase, latency_by_gpu(promoted)
+    for gpu, speedups in (record.get("serving") or {}).items():  # like with like: the same GPU type only
+        before = (promoted.get("serving") or {}).get(gpu, {})
+        for case, now_x in sorted(speedups.items()):
+            if (then_x := before.get(case)) and now_x < then_x / (1 + budget):
+                reasons.append(f"{case.replace('/', ' batch ')} on {gpu}: speedup as served {then_x:.2f}x -> {now_x:.2f}x "
+                               f"(> max_latency_increase {budget:.0%} slower)")
     now_timed = latency_by_gpu(record)
     for gpu, rows in now_timed.items():  # like with like: the same GPU type only
         before = {(r["engine"], r["batch"]): r["median_ms"] for r in then_timed.get(gpu, [])}

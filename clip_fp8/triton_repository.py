@@ -162,11 +162,13 @@ def reconcile(repo: Repository) -> int | None:
 
 def promote(summary: dict[str, Any], provenance: dict[str, Any], repository: str, keep_versions: int = 3,
             include_fp16: bool = False, batch_sizes: list[int] | None = None, max_batch: int = 128) -> dict[str, Any]:
-    """Publish the run's encoders as the next version; return what was written."""
+    """Publish the run's encoders as the next version; return what was written. A run whose speed gate chose
+    FP16 (``promote_form``, ``promotion.on_slower=promote_fp16``) publishes the FP16 pair alone."""
     repo = Repository(repository)
     reconcile(repo)
     artifacts = summary.get("artifacts", {})
-    variants = ["fp8", "fp16"] if include_fp16 else ["fp8"]
+    fp8 = summary.get("promote_form", "fp8") == "fp8"
+    variants = [*(["fp8"] if fp8 else []), *(["fp16"] if include_fp16 or not fp8 else [])]
     graphs = [f"{v}_{e}" for v in variants for e in ("image", "text")]
     missing = [g for g in graphs if f"onnx_{g}" not in artifacts]
     if missing:

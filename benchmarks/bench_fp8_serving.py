@@ -1,0 +1,269 @@
+"""FP8 as served against FP16 compiled, ViT-L/14, both towers, every serving batch size: verdicts that hold.
+
+One process, one timer. The model is CLIP ViT-L/14 (laion2B architecture) with random weights (latency
+depends on shapes only); the FP8 form is what the ``torch_fp8`` stage writes, made here without ModelOpt
+(so the script runs on a GPU host with torch and transformers alone): every Linear an ``FP8Linear`` with its
+weight max-calibrated (E4M3, per tensor) and its input scale the max over calibration batches, as ModelOpt's
+``max`` algorithm sets it. Variants (``--variants``):
+
+- ``fp16``: the FP16 model, ``torch.compile`` ``reduce-overhead`` (CUDA graphs): the reference;
+- ``fp8``: torch-fp8 as ``clip_fp8.fp8_runtime.load`` serves it (compiled the same way);
+- ``fp8-qkv``: the same with Q, K and V in one GEMM (``fp8_runtime.fuse_qkv``);
+- ``fp8-qkv-autotune``: that, compiled with ``max-autotune`` (Inductor's Triton FP8 GEMM templates vs cuBLASLt).
+
+Timing: every variant of one case (tower, batch) is compiled and warmed, then timed in ``--rounds``
+interleaved rounds (the variant order rotates each round); a round is a block of CUDA-graph replays
+between two CUDA events, about ``--block-ms`` long. Each case reports the median of the rounds and their
+spread, and each FP8 variant's speedup over FP16 per round: a **win** when FP8 is faster in every round, a
+**loss** when slower in every round, else a **tie** (the difference is within the noise). ``--profile``
+adds the CUDA kernel time per call by category (GEMM, quantize, attention, norm, other) at batch 1 and 128,
+and each variant's ten costliest kernels. Numerics: each FP8 variant's minimum embedding cosine against
+the fake-quant model (the same scales, simulated in FP32) on calibration-like inputs.
+
+    python benchmarks/bench_fp8_serving.py --out docs/results/2026-12-07-h100-fp8-serving.json --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from bench_encoders import VIT_L_14, build_model  # this folder is on sys.path when the script runs
+
+from clip_fp8.encoders import ImageEncoder, TextEncoder
+from clip_fp8.fp8_runtime import FP8, FP8_MAX, FP8Linear, fuse_qkv, gemm_fits, swap_in_fp8_linears
+from clip_fp8.timing import interleaved
+
+TOWERS = {"image": ImageEncoder, "text": TextEncoder}
+MODES = {"fp16": "reduce-overhead", "fp8": "reduce-overhead", "fp8-qkv": "reduce-overhead",
+         "fp8-qkv-autotune": "max-autotune"}
+
+
+def inputs(tower: str, batch: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    if tower == "image":
+        return torch.randn(batch, 3, 224, 224, device="cuda", dtype=torch.float16, generator=generator)
+    ids = torch.randint(0, VIT_L_14["text_config"]["vocab_size"] - 1, (batch, 77), device="cuda", generator=generator)
+    ids[:, -1] = VIT_L_14["text_config"]["vocab_size"] - 1  # the highest id: where CLIP pools (argmax)
+    return ids
+
+
+@torch.inference_mode()
+def calibrate(model, batches: int) -> dict[str, float]:
+    """Each Linear's input amax over calibration batches (ModelOpt's ``max``)."""
+    amax: dict[str, float] = {}
+    hooks = [module.register_forward_hook(
+        lambda mod, args, out, name=name: amax.__setitem__(name, max(amax.get(name, 0.0), args[0].abs().max().item())))
+        for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    for i in range(batches):
+        ImageEncoder(model)(inputs("image", 32, 1000 + i))
+        TextEncoder(model)(inputs("text", 32, 2000 + i))
+    for hook in hooks:
+        hook.remove()
+    return amax
+
+
+def to_fp8(model, amax: dict[str, float]):
+    """What the torch_fp8 stage writes: every Linear whose shape ``_scaled_mm`` takes, in FP8."""
+    fp8 = copy.deepcopy(model)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and gemm_fits(m.in_features, m.out_features)]
+    swap_in_fp8_linears(fp8, names, torch.float16, "cuda")
+    with torch.no_grad():
+        for name in names:
+            source, target = model.get_submodule(name), fp8.get_submodule(name)
+            weight_scale = source.weight.float().abs().max() / FP8_MAX
+            target.weight.data = (source.weight.float() / weight_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+            target.weight_scale.fill_(weight_scale.item())
+            target.input_scale.fill_(amax[name] / FP8_MAX)
+            if source.bias is not None:
+                target.bias.data = source.bias.data.clone()
+    return fp8.eval()
+
+
+class FakeQuantLinear(torch.nn.Module):
+    """The reference: the FP8 layer's arithmetic simulated in FP32 (quantize, dequantize, matmul)."""
+
+    def __init__(self, layer: FP8Linear):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        l = self.layer
+        x = (x.float() / l.input_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * l.input_scale
+        y = x @ (l.weight.float() * l.weight_scale).t()
+        return y if l.bias is None else y + l.bias.float()
+
+
+def fake_quant(fp8_model):
+    reference = copy.deepcopy(fp8_model).float()
+    for name, module in list(reference.named_modules()):
+        if isinstance(module, FP8Linear):
+            parent, _, child = name.rpartition(".")
+            setattr(reference.get_submodule(parent), child, FakeQuantLinear(module))
+    return reference
+
+
+@torch.inference_mode()
+def min_cosine(model, reference, tower: str) -> float:
+    worst = 1.0
+    for i in range(2):
+        x = inputs(tower, 32, 3000 + i)
+        got = TOWERS[tower](model)(x).float()
+        want = TOWERS[tower](reference)(x.float() if tower == "image" else x).float()
+        worst = min(worst, torch.nn.functional.cosine_similarity(got, want).min().item())
+    return worst
+
+
+# Inductor names a fused kernel after every op it holds (``triton_poi_fused__scaled_mm__to_copy_clamp_div_gelu`` is
+# GELU and the next GEMM's input quantization): only library kernels are GEMMs or attention.
+CATEGORIES = ("gemm", "attention", "norm", "activation", "quantize", "other")
+
+
+def category(kernel: str) -> str:
+    name = kernel.lower()
+    if name.startswith("triton_tem") or "triton_" not in name and any(
+            k in name for k in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_")) and "sdpa" not in name:
+        return "gemm"
+    if any(k in name for k in ("flash", "fmha", "sdpa", "attention_kernel")) and not name.startswith("triton"):
+        return "attention"
+    if "layer_norm" in name:
+        return "norm"  # with the residual add, and the next GEMM's input quantization where fused
+    if "gelu" in name:
+        return "activation"
+    if any(k in name for k in ("clamp", "to_copy", "div")):
+        return "quantize"
+    return "other"
+
+
+def profile(run, calls: int = 10) -> dict:
+    """CUDA kernel time per call by category, and the costliest kernels (CUDA-graph replays included)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            run()
+        torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA and "memcpy" not in event.name.lower() \
+                and "memset" not in event.name.lower():
+            kernels.setdefault(event.name, []).append(event.time_range.elapsed_us())
+    by_category: dict[str, dict] = {}
+    for name, times in kernels.items():
+        entry = by_category.setdefault(category(name), {"us": 0.0, "kernels": 0})
+        entry["us"] += sum(times) / calls
+        entry["kernels"] += len(times) / calls
+    top = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:10]
+    return {"per_call_us": round(sum(sum(t) for t in kernels.values()) / calls, 1),
+            "kernels_per_call": round(sum(len(t) for t in kernels.values()) / calls, 1),
+            "categories": {c: {"us": round(v["us"], 1), "kernels": round(v["kernels"], 1)} for c, v in sorted(by_category.items())},
+            "top": [{"kernel": n[:140], "category": category(n), "us_per_call": round(sum(t) / calls, 1),
+                     "launches_per_call": round(len(t) / calls, 1)} for n, t in top]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 128])
+    parser.add_argument("--variants", default="fp16,fp8,fp8-qkv")
+    parser.add_argument("--towers", default="image,text")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--block-ms", type=float, default=150.0)
+    parser.add_argument("--calibration-batches", type=int, default=8)
+    parser.add_argument("--profile", action="store_true", help="kernel breakdown at batch 1 and 128")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    variants = args.variants.split(",")
+    assert variants[0] == "fp16", "fp16 is the reference and comes first"
+
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = True  # PyTorch's default, stated
+    # One compiled frame per variant and batch size: past dynamo's default limit (8) it silently runs eagerly.
+    torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 256
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "transformers": __import__("transformers").__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv, "rounds": args.rounds,
+            "block_ms": args.block_ms}
+    t0 = time.perf_counter()
+    fp16 = build_model("cuda", torch.float16)
+    fp8 = to_fp8(fp16, calibrate(fp16, args.calibration_batches))
+    models = {"fp16": fp16, "fp8": fp8}
+    if any(v.startswith("fp8-qkv") for v in variants):
+        models["fp8-qkv"] = copy.deepcopy(fp8)
+        meta["qkv_fused_attentions"] = fuse_qkv(models["fp8-qkv"])
+        models["fp8-qkv-autotune"] = models["fp8-qkv"]
+    reference = fake_quant(fp8)
+    numerics = {v: {t: min_cosine(models[v], reference, t) for t in TOWERS} for v in variants if v != "fp16"}
+    numerics["fp16"] = {t: min_cosine(fp16, reference, t) for t in TOWERS}
+    del reference
+    torch.cuda.empty_cache()
+    meta["setup_s"] = round(time.perf_counter() - t0, 1)
+    print("min cosine vs fake-quant:", json.dumps(numerics), flush=True)
+
+    rows, profiles, compile_s = [], {}, {}
+    for tower in args.towers.split(","):
+        compiled = {v: torch.compile(TOWERS[tower](models[v]), mode=MODES[v], dynamic=False) for v in variants}
+        for batch in args.batch_sizes:
+            x = inputs(tower, batch, 7)
+            runs = {}
+            for v in variants:
+                started = time.perf_counter()
+                with torch.inference_mode():
+                    for _ in range(3):  # compile, record the CUDA graph, replay
+                        compiled[v](x)
+                torch.cuda.synchronize()
+                compile_s[f"{tower}/{batch}/{v}"] = round(time.perf_counter() - started, 1)
+
+                def run(v=v):
+                    with torch.inference_mode():
+                        compiled[v](x)
+                runs[v] = run
+            timed = interleaved(runs, rounds=args.rounds, block_target_ms=args.block_ms)
+            stats = timed["forms"]
+            row = {"tower": tower, "batch": batch, "fp16_ms": stats["fp16"]["median_ms"], "variants": stats,
+                   "speedup": timed["versus"]}
+            # As served: the final FP8 form (the last variant) where it wins in every round, else FP16.
+            final = variants[-1]
+            served_by = "fp8" if row["speedup"][final]["verdict"] == "win" else "fp16"
+            row.update(fp8_ms=stats[final]["median_ms"], fp8_form=final, served_by=served_by,
+                       served_ms=stats[final if served_by == "fp8" else "fp16"]["median_ms"],
+                       served_speedup=stats["fp16"]["median_ms"] / stats[final if served_by == "fp8" else "fp16"]["median_ms"],
+                       spread={v: stats[v]["spread"] for v in variants})
+            rows.append(row)
+            print(f"{tower:5s} b{batch:<4d} " + "  ".join(
+                f"{v} {stats[v]['median_ms']:.3f}ms±{stats[v]['spread']:.1%}" for v in variants) + "  " + "  ".join(
+                f"{v}: {s['median']:.2f}x [{s['min']:.2f}-{s['max']:.2f}] {s['verdict']}" for v, s in row["speedup"].items()),
+                flush=True)
+            if args.profile and batch in (1, 128):
+                for v in variants:
+                    profiles[f"{tower}/{batch}/{v}"] = profile(runs[v])
+        del compiled
+        torch._dynamo.reset()
+
+    result = {"meta": meta, "numerics_min_cosine_vs_fakequant": numerics, "rows": rows, "profiles": profiles,
+              "compile_s": compile_s}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print("\n| tower | batch | " + " | ".join(f"{v} ms" for v in variants) + " | " +
+          " | ".join(f"{v} / fp16" for v in variants[1:]) + " |")
+    print("|---|---:|" + "---:|" * (2 * len(variants) - 1))
+    for row in rows:
+        s = row["variants"]
+        print(f"| {row['tower']} | {row['batch']} | " + " | ".join(f"{s[v]['median_ms']:.3f} (±{s[v]['spread']:.0%})" for v in variants)
+              + " | " + " | ".join(f"{row['speedup'][v]['median']:.2f}x {row['speedup'][v]['verdict']}" for v in variants[1:]) + " |")
+    if profiles:
+        print("\n| case | us/call | kernels | " + " | ".join(CATEGORIES) + " |")
+        for case, p in profiles.items():
+            cats = p["categories"]
+            print(f"| {case} | {p['per_call_us']} | {p['kernels_per_call']} | " + " | ".join(
+                f"{cats.get(c, {}).get('us', 0):.0f} ({cats.get(c, {}).get('kernels', 0):.0f})" for c in CATEGORIES) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
