@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -34,12 +35,12 @@ def quiet_environment() -> None:
 def _our_code() -> tuple[str, ...]:
     """Where Prefect's and this project's own source files are (an editable checkout keeps tasks/ and flows/ beside
     clip_fp8/, a wheel inside it)."""
-    import prefect
-
     import clip_fp8
 
     core = Path(clip_fp8.__file__).resolve().parent
-    roots = [core, *(core.parent / d for d in ("tasks", "flows", "deployments")), Path(prefect.__file__).resolve().parent]
+    roots = [core, *(core.parent / d for d in ("tasks", "flows", "deployments"))]
+    if prefect := sys.modules.get("prefect"):  # loaded wherever its loggers log; not imported here (stages run without it)
+        roots.append(Path(prefect.__file__).resolve().parent)
     return tuple(str(root) + os.sep for root in roots)
 
 
