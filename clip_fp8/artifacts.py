@@ -171,6 +171,8 @@ class ArtifactRef(BaseModel):
     digest: str
     files: dict[str, str] = Field(default_factory=dict, description="name -> path relative to `path`")
     meta: dict[str, Any] = Field(default_factory=dict)
+    manifest: dict[str, dict] = Field(default_factory=dict, description="Each file's SHA-256 and bytes when it was "
+                                      "published: what ``clip_fp8.integrity`` checks before the artifact is reused")
     uri: str | None = Field(None, description="Where the artifact lives when the store is remote")
 
     def local_dir(self) -> Path:
@@ -178,7 +180,15 @@ class ArtifactRef(BaseModel):
         if self.uri is None or Path(self.path).is_dir():
             return Path(self.path)
         local = cache_base() / "remote" / hashlib.sha256(self.uri.encode()).hexdigest()[:32]
-        return local if local.is_dir() else download_dir(self.uri, local)
+        if local.is_dir():
+            return local
+        download_dir(self.uri, local)
+        from clip_fp8.integrity import check
+
+        if why := check(local, self):  # a bad copy or a damaged object: not read, and not kept
+            shutil.rmtree(local, ignore_errors=True)
+            raise RuntimeError(f"artifact {self.uri} is corrupt ({why}); clip-fp8 verify lists what to remove")
+        return local
 
     def file(self, name: str) -> Path:
         return self.local_dir() / self.files[name]
@@ -241,8 +251,12 @@ class ArtifactStore:
 
     def publish(self, stage: str, key: str, files: dict[str, str], meta: dict[str, Any] | None = None) -> ArtifactRef:
         """Reference a published directory; ``files`` names its entries (files or folders) for consumers."""
+        from clip_fp8.integrity import manifest_of, tree_digest
+
         final = self.final_dir(stage, key)
-        ref = ArtifactRef(stage=stage, path=str(final), digest=sha256_tree(final), files=files, meta=meta or {})
+        manifest = manifest_of(final)
+        ref = ArtifactRef(stage=stage, path=str(final), digest=tree_digest(manifest), files=files, meta=meta or {},
+                          manifest=manifest)
         if self.remote:
             ref.uri = f"{self.url}/store/{stage}/{key}"
         write_json_atomic(final / REF_FILE, ref.model_dump(mode="json"))  # after the digest: not part of it
@@ -253,12 +267,16 @@ class ArtifactStore:
     def published(self, stage: str, key: str) -> ArtifactRef | None:
         """The artifact already published under ``key`` on this host, or None. Keys name content, so what
         is there is what the stage would compute; a directory without its ref file (a publisher killed
-        between the rename and the ref) is not trusted, and the stage runs again."""
+        between the rename and the ref) is not trusted, and a corrupt one is quarantined: the stage runs again."""
+        from clip_fp8.integrity import refuse_corrupt
+
         try:
             ref = ArtifactRef.model_validate_json((self.final_dir(stage, key) / REF_FILE).read_text())
         except (FileNotFoundError, ValueError):
             return None
         ref.path = str(self.final_dir(stage, key))  # where it is now (the output root may have moved)
+        if refuse_corrupt(self.root, Path(ref.path), ref):
+            return None
         if self.remote and ref.uri:
             upload_dir(Path(ref.path), ref.uri)  # the publisher may have died before its upload finished
         return ref

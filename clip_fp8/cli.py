@@ -253,6 +253,33 @@ def history_command(
     typer.echo(history.render_table(rows))
 
 
+@app.command()
+def verify(
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="The output.root whose store to check (a local "
+                                         "path); default: output.root's default."),
+    repository: Optional[str] = typer.Option(None, help="A promotion repository (local path) to check as well: each "
+                                             "version's files against the digests recorded when it was promoted."),
+) -> None:
+    """Check every artifact of a store (and a promotion repository) against its recorded digests; list what is
+    corrupt, exit 2 if anything is. Nothing is moved: a run quarantines and recomputes what it would reuse."""
+    from clip_fp8.integrity import verify_repository, verify_store
+
+    root = Path(_output_root(output))
+    if not (root / "store").is_dir():
+        typer.echo(f"error: {root} has no artifact store (store/); give the run's output.root with -o", err=True)
+        raise typer.Exit(2)
+    results = [verify_store(root)]
+    if repository:
+        results.append(verify_repository(Path(repository)))
+    corrupt = [entry for r in results for entry in r["corrupt"]]
+    for path, why in corrupt:
+        typer.echo(f"corrupt: {path}: {why}")
+    checked = sum(r["checked"] for r in results)
+    typer.echo(f"{len(corrupt)} of {checked} artifacts corrupt")
+    if corrupt:
+        raise typer.Exit(2)
+
+
 def _output_root(output: Optional[str]) -> str:
     from clip_fp8.config import OutputConfig
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from clip_fp8.artifacts import atomic_write, is_remote
+from clip_fp8.integrity import file_digest
 
 LATEST = "latest.json"
 # TensorRT-RTX builds engines for RTX GPUs that Triton's TensorRT backend cannot load.
@@ -184,11 +185,15 @@ def promote(summary: dict[str, Any], provenance: dict[str, Any], repository: str
         plan = _plan_for(summary, graph)
         platform, file, source = ("tensorrt_plan", "model.plan", plan) if plan else ("onnxruntime_onnx", "model.onnx", onnx_path)
         repo.put(source, f"{model}/{version}/{file}")
+        sent = {file: Path(source)}
         extras = TOKENIZER_FILES if graph.endswith("text") else PREPROCESSOR_FILES
         for name in extras:  # what the encoder expects of its inputs, from the quantized checkpoint's processor
             if checkpoint is not None and (checkpoint / name).is_file():
                 repo.put(checkpoint / name, f"{model}/{version}/{name}")
-        repo.write(f"{model}/{version}/provenance.json", json.dumps({**provenance, "graph": graph, "file": file}, indent=1))
+                sent[name] = checkpoint / name
+        files = {name: {"sha256": file_digest(path), "bytes": path.stat().st_size} for name, path in sent.items()}
+        repo.write(f"{model}/{version}/provenance.json",  # the digests: what clip-fp8 verify --repository checks
+                   json.dumps({**provenance, "graph": graph, "file": file, "files": files}, indent=1))
         configs[model] = model_config(model, platform, version, max_batch, inputs, outputs, batch_sizes or [max_batch])
         written[model] = {"platform": platform, "file": f"{model}/{version}/{file}"}
     for model, config in configs.items():

@@ -25,7 +25,8 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
@@ -167,6 +168,34 @@ def lock_manager(store: ArtifactStore):
     return LeasedFileLockManager(store.root.resolve() / "locks")
 
 
+class VerifyingResultStore(ResultStore):
+    """Prefect's result store, whose cache hit is a hit only when the artifact behind the record is intact
+    (``clip_fp8.integrity``): a corrupt one is quarantined and named, and the stage runs again."""
+
+    artifact_root: Optional[Path] = None
+
+    def exists(self, key: str) -> bool:
+        return super().exists(key) and self._intact(key)
+
+    async def aexists(self, key: str) -> bool:
+        return await super().aexists(key) and self._intact(key)
+
+    def _intact(self, key: str) -> bool:
+        from prefect.results import ResultRecord
+        from prefect._internal.compatibility.blocks import call_explicitly_sync_block_method
+
+        from clip_fp8.integrity import refuse_corrupt
+
+        try:  # read as Prefect's own exists() does (no lock: the transaction asking holds it)
+            record = ResultRecord.deserialize(call_explicitly_sync_block_method(self.result_storage, "read_path", (key,), {}))
+        except Exception:  # noqa: BLE001 - not a record this check can read: Prefect decides as before
+            return True
+        ref = record.result
+        if not isinstance(ref, ArtifactRef) or self.artifact_root is None or (ref.uri and not Path(ref.path).is_dir()):
+            return True  # another host's artifact: checked when it is downloaded (ArtifactRef.local_dir)
+        return not refuse_corrupt(self.artifact_root, Path(ref.path), ref)
+
+
 @contextmanager
 def stage_results(store: ArtifactStore):
     """Within the block, stage tasks keep their result and cache records beside the artifacts (a local
@@ -174,7 +203,8 @@ def stage_results(store: ArtifactStore):
     cannot keep (``clip_fp8.locking``). Prefect reads both from the flow run's result store, which this
     replaces for the block; the task runner's threads inherit it."""
     context = FlowRunContext.get()
-    result_store = ResultStore(
-        result_storage=resolve_result_storage(result_storage(store)), lock_manager=lock_manager(store))
+    result_store = VerifyingResultStore(
+        result_storage=resolve_result_storage(result_storage(store)), lock_manager=lock_manager(store),
+        artifact_root=store.root)
     with context.model_copy(update={"result_store": result_store}):
         yield
