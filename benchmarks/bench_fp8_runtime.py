@@ -166,23 +166,25 @@ def main() -> None:
     if args.model == "embedded":
         from clip_fp8.tasks.eval_datasets import resolve_eval_source
         from clip_fp8.tasks.evaluate import evaluate
+        from clip_fp8.tasks.evaluate_baseline import evaluate_baseline
         from clip_fp8.tasks.evaluate_deployed import evaluate_deployed
-        from clip_fp8.devices import pick_device
         from clip_fp8.tasks.export import export
-        from clip_fp8.tasks.runtimes import resolve_gate_runtime
-        from clip_fp8.tasks.tensorrt import resolve_target
+        from clip_fp8.tasks.set_scales import set_scales
         from clip_fp8.tasks.surgery import surgery
 
         e, m = config.evaluation, config.model
         eval_source = resolve_eval_source(e)
-        first = run(evaluate, model_source=model_source, quantized=quantized, eval_source=eval_source, model_cfg=m,
-                    cfg=e.model_copy(update={"on_gate_failure": "mark"}))
-        exported = run(export, variant="fp8", model_source=model_source, quantized=quantized, model_cfg=m, cfg=config.export)
-        repaired = run(surgery, variant="fp8", exported=exported, model_source=model_source, quantized=quantized,
+        baseline = run(evaluate_baseline, model_source=model_source, eval_source=eval_source, model_cfg=m, cfg=e)
+        first = run(evaluate, model_source=model_source, quantized=quantized, baseline=baseline, eval_source=eval_source,
+                    model_cfg=m, cfg=e)
+        exported = run(export, variant="fp8", model_source=model_source, model_cfg=m, quantization=config.quantization,
+                       cfg=config.export)
+        scaled = run(set_scales, exported=exported, quantized=quantized, model_source=model_source, model_cfg=m,
+                     cfg=config.export)
+        repaired = run(surgery, variant="fp8", exported=scaled, model_source=model_source, quantized=quantized,
                        calibration=calib, data_source=data_source, model_cfg=m, cfg=config.export, build_cfg=config.build)
         deployed = run(evaluate_deployed, evaluated=first, model_source=model_source, onnx=repaired, engines=None,
-                       torch_fp8=fp8_ref, eval_source=eval_source, model_cfg=m, cfg=e.model_copy(update={"on_gate_failure": "mark"}),
-                       runtimes=list(e.runtimes), gate_runtime=resolve_gate_runtime(e, pick_device(m), resolve_target(config.build)))
+                       torch_fp8=fp8_ref, eval_source=eval_source, model_cfg=m, cfg=e, runtimes=list(e.runtimes))
         metrics = json.loads(deployed.file("metrics").read_text())
         result["metrics"] = metrics
         print(deployed.file("report:deployed-quality").read_text())
@@ -194,7 +196,7 @@ def main() -> None:
                                                             args.check_samples)
         print(json.dumps(result["cosine_to_fakequant"]), flush=True)
         timed = run(benchmark, engines=[], model_source=model_source, torch_fp8=fp8_ref, model_cfg=config.model,
-                    cfg=config.benchmark, target=resolve_target(config.build))
+                    cfg=config.benchmark, serving=config.serving, target=resolve_target(config.build))
         rows = timed.meta["rows"]
         args.out.write_text(json.dumps({**result, "rows": rows}, indent=1, default=str))
         rows += eager_fp8_rows(model_source, quantized, fp8_ref, max(args.batch_sizes), config.benchmark)

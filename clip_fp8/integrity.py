@@ -18,17 +18,10 @@ import json
 import time
 from pathlib import Path
 
-from clip_fp8.artifacts import CHUNK, REF_FILE, ArtifactRef
+from clip_fp8.artifacts import REF_FILE, ArtifactRef
+from clip_fp8.artifacts import sha256_file as file_digest
 
 QUARANTINE = "quarantine"
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def manifest_of(root: Path) -> dict[str, dict]:

@@ -53,20 +53,17 @@ def vit_l_14(path):
     return str(path)
 
 
-@pytest.mark.parametrize("model", ["embedded", "vit-l-14"])
-def test_torch_fp8_loads_runs_compiled_matches_fakequant_and_holds_fp8_weights(model, tmp_path):
+def torch_fp8_artifact(source: str, tmp_path):
+    """calibration_data -> quantize -> torch_fp8 as the flow runs them (no Prefect); every ref on the way."""
     from clip_fp8.artifacts import ArtifactStore
-    from clip_fp8.config import ModelConfig, PipelineConfig
-    from clip_fp8.fp8_runtime import FP8, FP8Linear, load
+    from clip_fp8.config import PipelineConfig
     from clip_fp8.stage import execute
     from clip_fp8.tasks.calibration_data import calibration_data
     from clip_fp8.tasks.calibration_sources import resolve_data_source
-    from clip_fp8.tasks.checkpoints import load_quantized, resolve_model_source
+    from clip_fp8.tasks.checkpoints import resolve_model_source
     from clip_fp8.tasks.quantize import quantize
-    from clip_fp8.tasks.surgery import check_inputs, torch_embeddings
     from clip_fp8.tasks.torch_fp8 import torch_fp8
 
-    source = "embedded:tiny-clip-shapes" if model == "embedded" else vit_l_14(tmp_path / "vit-l-14")
     config = PipelineConfig().with_overrides([f"model.source={source}", "calibration.num_samples=256",
                                               "calibration.batch_size=128"])
     store = ArtifactStore(str(tmp_path / "store"))
@@ -75,7 +72,19 @@ def test_torch_fp8_loads_runs_compiled_matches_fakequant_and_holds_fp8_weights(m
     quantized = execute(quantize, store, "q", {"model_source": model_source, "calibration": calib,
                                                "data_source": data_source, "model_cfg": config.model,
                                                "calib_cfg": config.calibration, "cfg": config.quantization})
-    artifact = execute(torch_fp8, store, "t", {"quantized": quantized, "model_cfg": config.model})
+    return model_source, data_source, calib, quantized, execute(torch_fp8, store, "t", {"quantized": quantized,
+                                                                                          "model_cfg": config.model})
+
+
+@pytest.mark.parametrize("model", ["embedded", "vit-l-14"])
+def test_torch_fp8_loads_runs_compiled_matches_fakequant_and_holds_fp8_weights(model, tmp_path):
+    from clip_fp8.config import ModelConfig
+    from clip_fp8.fp8_runtime import FP8, FP8Linear, load
+    from clip_fp8.tasks.checkpoints import load_quantized
+    from clip_fp8.tasks.surgery import check_inputs, torch_embeddings
+
+    source = "embedded:tiny-clip-shapes" if model == "embedded" else vit_l_14(tmp_path / "vit-l-14")
+    model_source, data_source, calib, quantized, artifact = torch_fp8_artifact(source, tmp_path)
 
     clip = load(artifact.local_dir(), device="cuda", batch_sizes=(CHECK_SAMPLES,))  # compiled, CUDA graphs
     layout = json.loads(artifact.file("layout").read_text())
@@ -101,24 +110,9 @@ def test_torch_fp8_loads_runs_compiled_matches_fakequant_and_holds_fp8_weights(m
 def test_the_loaded_runtime_serves_each_size_by_the_form_its_table_names_and_the_forms_agree(tmp_path):
     """A serving table for this GPU (image batch 1 and text batch 8 in FP16, the rest FP8): each compiled size runs
     the form the table names, and the FP16 twin agrees with the FP8 form (same FP8-rounded weights)."""
-    from clip_fp8.config import PipelineConfig
     from clip_fp8.fp8_runtime import SERVING, load
-    from clip_fp8.stage import execute
-    from clip_fp8.tasks.calibration_data import calibration_data
-    from clip_fp8.tasks.calibration_sources import resolve_data_source
-    from clip_fp8.tasks.checkpoints import resolve_model_source
-    from clip_fp8.tasks.quantize import quantize
-    from clip_fp8.tasks.torch_fp8 import torch_fp8
-    from clip_fp8.artifacts import ArtifactStore
 
-    config = PipelineConfig().with_overrides(["calibration.num_samples=256", "calibration.batch_size=128"])
-    store = ArtifactStore(str(tmp_path / "store"))
-    model_source, data_source = resolve_model_source(config.model), resolve_data_source(config.calibration)
-    calib = execute(calibration_data, store, "c", {"data_source": data_source, "cfg": config.calibration})
-    quantized = execute(quantize, store, "q", {"model_source": model_source, "calibration": calib,
-                                               "data_source": data_source, "model_cfg": config.model,
-                                               "calib_cfg": config.calibration, "cfg": config.quantization})
-    artifact = execute(torch_fp8, store, "t", {"quantized": quantized, "model_cfg": config.model})
+    *_, artifact = torch_fp8_artifact("embedded:tiny-clip-shapes", tmp_path)
     gpu = torch.cuda.get_device_name()
     table = {"gpus": {gpu: {"image": {"1": {"served_by": "fp16"}, "8": {"served_by": "fp8"}},
                             "text": {"1": {"served_by": "fp8"}, "8": {"served_by": "fp16"}}}}}
