@@ -167,3 +167,14 @@ def test_benchmark_plot_renders_measured_rows(tmp_path):
     fp8_row = next(line for line in markdown.splitlines() if line.startswith("| image | fp8 | 128 |"))
     assert fp8_row.endswith(f"| {speedup} | {speedup} |")  # vs the FP16 engine and vs PyTorch eager
     assert "246.00 MB" in fp8_row
+
+
+def test_a_benchmark_rows_throughput_is_samples_per_second_of_its_median():
+    """The arithmetic the report, history and speed verdicts read, on recorded timings (only GPUs produce real ones)."""
+    from clip_fp8.tasks.tensorrt import UNSTABLE_CV, timing_row
+
+    stats = {"iterations": 50, "median_ms": 4.0, "p90_ms": 4.4, "p95_ms": 4.6, "p99_ms": 5.0, "mean_ms": 4.1, "cv": 0.02}
+    row = timing_row(stats, batch=128)
+    assert row["throughput_samples_s"] == pytest.approx(32000.0)  # 128 samples per 4 ms
+    assert row["latency_median_ms"] == 4.0 and row["latency_p99_ms"] == 5.0 and row["iterations"] == 50
+    assert row["unstable"] is False and timing_row({**stats, "cv": UNSTABLE_CV * 2}, 1)["unstable"] is True

@@ -108,3 +108,15 @@ def test_eval_source_digest_and_errors(tiny, tmp_path):
 
     with pytest.raises(ValidationError, match="names 'imagenet1k' more than once"):
         EvaluationConfig(datasets=[EvalDataset(name="imagenet1k", root="a"), EvalDataset(name="imagenet1k", root="b")])
+
+
+def test_the_evaluation_seed_picks_the_subset_and_the_same_seed_the_same_one():
+    """evaluation.seed keys the evaluation: it must change which samples are evaluated, and only it."""
+    import torch
+
+    from clip_fp8.tasks.eval_datasets import limited
+
+    data = torch.utils.data.TensorDataset(torch.arange(100))
+    pick = lambda seed: sorted(int(x[0]) for x in limited(data, 10, seed))
+    assert pick(1) == pick(1) and pick(1) != pick(2)
+    assert len(pick(1)) == 10 and len(set(pick(1))) == 10

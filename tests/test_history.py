@@ -253,3 +253,16 @@ def test_promotion_settings_are_checked():
     for bad in ("promotion.max_latency_increase=-0.1", "promotion.keep_versions=0"):
         with pytest.raises(ValidationError):
             PipelineConfig().with_overrides([bad])
+
+
+def test_the_regression_check_compares_with_the_newest_promoted_run_of_the_same_model():
+    """Several promoted runs: the newest of this model is the reference, not the first, nor another model's."""
+    from clip_fp8.history import last_promoted
+
+    def record(run: str, model: str, version):
+        return {"run": run, "model_key": model, "promotion": {"version": version}}
+
+    records = [record("a", "vit", 1), record("b", "vit", 2), record("c", "vit", None), record("d", "b32", 3)]
+    assert last_promoted(records, "vit")["run"] == "b"
+    assert last_promoted(records, "b32")["run"] == "d"
+    assert last_promoted(records, "rn50") is None
