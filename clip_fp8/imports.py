@@ -18,15 +18,24 @@ from pathlib import Path
 from typing import Mapping
 
 PROJECT = "clip_fp8"
-# CPython 3.11's parser is not safe to enter from two threads at once: stages whose keys Prefect computes
-# side by side failed with "SystemError: AST constructor recursion depth mismatch" (seen on a worker), and
-# the stage's result was then not cached.
+# CPython before 3.11.8 keeps the AST builder's recursion depth in interpreter-wide state (gh-106905): a
+# parse in one thread while another thread parses or compiles (torch.jit.script, the ONNX exporter) can
+# fail with "SystemError: AST constructor recursion depth mismatch" (seen in CI: the stage's key was lost
+# and its result not cached). The flow therefore parses everything it needs before stages run
+# (``flows.stage_task.warm_keys``); the lock and the retry cover a parse that still meets the race.
 _PARSE_LOCK = threading.Lock()
+_PARSE_ATTEMPTS = 5
 
 
 def _parse(source: str) -> ast.Module:
     with _PARSE_LOCK:
-        return ast.parse(source)
+        for attempt in range(_PARSE_ATTEMPTS):
+            try:
+                return ast.parse(source)
+            except SystemError as exc:  # the race above; the builder resets its counter on every parse
+                if "recursion depth mismatch" not in str(exc) or attempt == _PARSE_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
 
 
 @functools.cache
@@ -102,6 +111,11 @@ def import_closure(module: str, sources: Mapping[str, str] | None = None) -> tup
         external |= ext
         todo.extend(project - seen.keys())
     return dict(sorted(seen.items())), external
+
+
+def parse_closure(module: str) -> None:
+    """Parse ``module``'s import closure now (both caches above), so that no later call parses."""
+    _statements(module)
 
 
 @functools.cache

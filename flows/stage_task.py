@@ -65,12 +65,16 @@ class StagePolicy(CachePolicy):
 
 
 def warm_keys() -> None:
-    """Compute the code part of every stage's key now (import graph, library versions: about a second on
-    2 cores), e.g. while a Prefect server starts, instead of in the first cache lookup."""
+    """Compute the code part of every stage's key and parse the imports ``preload`` resolves, now, in the
+    calling thread (about a second on 2 cores): a flow calls it before it submits a stage, because Python
+    3.11's parser is not safe beside another thread's parse (``clip_fp8.imports._parse``); the CLI calls
+    it while a Prefect server starts."""
     from clip_fp8.caching import stage_code_digest
+    from clip_fp8.imports import parse_closure
 
     for fn in pipeline_stages():
         stage_code_digest(fn.__module__)
+        parse_closure(fn.__module__)
 
 
 def retry_transient_only(task, task_run, state) -> bool:
@@ -201,7 +205,9 @@ def stage_results(store: ArtifactStore):
     """Within the block, stage tasks keep their result and cache records beside the artifacts (a local
     path, or a RemoteFileSystem block for a URL store) and lock cache keys with leases that a killed run
     cannot keep (``clip_fp8.locking``). Prefect reads both from the flow run's result store, which this
-    replaces for the block; the task runner's threads inherit it."""
+    replaces for the block; the task runner's threads inherit it. Entered in the flow's thread before any
+    stage is submitted, it also computes the stages' code keys there (``warm_keys``)."""
+    warm_keys()
     context = FlowRunContext.get()
     result_store = VerifyingResultStore(
         result_storage=resolve_result_storage(result_storage(store)), lock_manager=lock_manager(store),

@@ -177,6 +177,12 @@ MUTANTS = [
     ("the device is looked up by importing torch on every host", "clip_fp8/devices.py",
      '    if "torch" not in sys.modules and not any(', "    if False and not any(",
      "tests/test_units.py::test_picking_the_device_imports_torch_only_where_a_gpu_driver_could_answer"),
+    ("stage keys parsed in the task threads (the 3.11 parser race)", "flows/stage_task.py",
+     "    warm_keys()\n    context = FlowRunContext.get()", "    context = FlowRunContext.get()",
+     "tests/test_units.py::test_no_stage_parses_source_once_the_flow_has_entered_stage_results"),
+    ("the parser race's SystemError raised, not retried", "clip_fp8/imports.py",
+     '                if "recursion depth mismatch" not in str(exc) or attempt == _PARSE_ATTEMPTS - 1:',
+     "                if True:", "tests/test_units.py::test_a_parse_that_meets_the_interpreter_wide_counter_race_is_retried"),
 ]
 
 

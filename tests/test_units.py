@@ -302,3 +302,54 @@ def test_picking_the_device_imports_torch_only_where_a_gpu_driver_could_answer(t
         answers[case] = out.stdout.split()
     assert answers["no driver"] == ["cpu", "True", "False"]
     assert answers["driver"][2] == "True"
+
+
+def test_no_stage_parses_source_once_the_flow_has_entered_stage_results(tmp_path, monkeypatch):
+    """Python 3.11.7's AST builder is not safe beside another thread's parse (CPython gh-106905): CI lost a
+    stage's cache key to "AST constructor recursion depth mismatch" while the ONNX exporter ran beside it.
+    The flow parses everything before it submits a stage, so no key and no preload parses afterwards."""
+    from prefect import flow
+
+    import clip_fp8.flows.pipeline  # noqa: F401 - registers every stage, as a flow run's import does
+    from clip_fp8 import caching, imports
+    from clip_fp8.flows.stage_task import stage_results
+    from clip_fp8.stage import pipeline_stages
+
+    for cached in (caching.stage_code_digest, imports._imported_names_of_file, imports._statements):
+        cached.cache_clear()
+
+    def refuse(source):
+        raise AssertionError("parsed source after stage_results was entered")
+
+    @flow
+    def run():
+        with stage_results(ArtifactStore(tmp_path / "out")):
+            monkeypatch.setattr(imports, "_parse", refuse)
+            return {fn.__name__: (caching.stage_key(fn, {}), imports._statements(fn.__module__))
+                    for fn in pipeline_stages()}
+
+    assert len(run()) == len(pipeline_stages()) > 10
+
+
+def test_a_parse_that_meets_the_interpreter_wide_counter_race_is_retried(monkeypatch):
+    """The race's SystemError is retried (the builder resets its counter per parse); any other is raised."""
+    from clip_fp8 import imports
+
+    real, calls = imports.ast.parse, []
+
+    def racy(source, *args, **kwargs):  # pytest parses too, while the patch is on: only "import os" races
+        if source == "import os" and len(calls.append(source) or calls) < 3:
+            raise SystemError("AST constructor recursion depth mismatch (before=63, after=95)")
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(imports.ast, "parse", racy)
+    assert isinstance(imports._parse("import os"), imports.ast.Module) and len(calls) == 3
+
+    def broken(source, *args, **kwargs):
+        if source == "import os":
+            raise SystemError("something else")
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(imports.ast, "parse", broken)
+    with pytest.raises(SystemError, match="something else"):
+        imports._parse("import os")
