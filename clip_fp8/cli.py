@@ -331,6 +331,74 @@ def promote(
 
 
 @app.command()
+def serve(
+    repository: Optional[str] = typer.Argument(None, metavar="[REPOSITORY]",
+                                               help="Triton model repository; default: promotion.repository of --config."),
+    config_file: Optional[Path] = typer.Option(None, "--config", "-c", help="Config file whose promotion.repository to serve."),
+    http_port: int = typer.Option(8000, help="HTTP/REST port (0: any free one)."),
+    grpc_port: int = typer.Option(8001, help="gRPC port (0: any free one)."),
+    metrics_port: int = typer.Option(8002, help="Prometheus metrics port (0: any free one)."),
+    model_config_name: Optional[str] = typer.Option(None, help="Serve each model's configs/NAME.pbtxt where it has one "
+                                                    "(onnxruntime, tensorrt: for servers with those backends)."),
+) -> None:
+    """Serve a promoted repository with tritonserver (on PATH, else nvidia-pytriton's bundled one) until Ctrl-C.
+
+    Exit codes: 130 stopped by Ctrl-C or SIGTERM (the server within 10 s); 2 nothing to serve or no server;
+    1 the server stopped by itself.
+    """
+    import signal
+    import time
+
+    from clip_fp8.triton_repository import LATEST
+    from clip_fp8.triton_server import ServerError, TritonServer
+
+    if repository is None:
+        try:
+            repository = load_config(config_file, [], None).promotion.repository
+        except (ValueError, FileNotFoundError) as exc:
+            typer.echo(f"error: bad configuration: {exc}", err=True)
+            raise typer.Exit(2)
+    if not repository:
+        typer.echo("error: no repository to serve: name one (clip-fp8 serve REPOSITORY) or set promotion.repository "
+                   "in --config", err=True)
+        raise typer.Exit(2)
+    root = Path(repository.removeprefix("file://"))
+    if "://" in repository or not (root / LATEST).is_file():
+        why = "a remote repository (copy it locally first)" if "://" in repository else \
+            f"no {LATEST} there (nothing promoted yet: clip-fp8 promote RUN --repository {repository})"
+        typer.echo(f"error: cannot serve {repository}: {why}", err=True)
+        raise typer.Exit(2)
+    log = root.parent / f".{root.name}.tritonserver.log"
+    server = TritonServer(root, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                          model_config_name=model_config_name, log=log)
+
+    def interrupt(signum, frame) -> None:  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        try:
+            server.start()
+        except ServerError as exc:
+            typer.echo(f"error: {exc} (log: {log})", err=True)
+            raise typer.Exit(2)
+        version = json.loads((root / LATEST).read_text())["version"]
+        typer.echo(f"tritonserver serving {root} (version {version}); log: {log}")
+        typer.echo(f"  HTTP  http://{server.http_url}\n  gRPC  {server.grpc_url}\n  metrics http://127.0.0.1:{server.metrics_port}/metrics")
+        for model in server.index():
+            typer.echo(f"  model {model['name']} version {model.get('version', '-')}: {model.get('state', '?')}")
+        typer.echo("Ctrl-C stops it.")
+        while server.process.poll() is None:
+            time.sleep(0.5)
+        typer.echo(f"error: tritonserver exited with {server.process.returncode} (log: {log})", err=True)
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        code = server.stop()
+        typer.echo(f"stopped tritonserver (exit {code})", err=True)
+        raise typer.Exit(130)
+
+
+@app.command()
 def deploy(
     work_pool: str = typer.Option("gpu", help="Work pool the deployments run on (created as a process pool if missing)."),
     nightly_cron: str = typer.Option("0 2 * * *", help="Cron of the nightly re-quantization."),

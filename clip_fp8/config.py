@@ -329,6 +329,10 @@ class PromotionConfig(Section):
     min_speedup: float = Field(
         1.0, gt=0, description="The speed gate: the FP8 form as served must be at least this times FP16 compiled at every "
         "serving.batch_sizes, measured in the same run on the same GPU type (skipped where no GPU timed it).")
+    smoke_check: Literal["auto", "required", "off"] = Field(
+        "auto", description="Before latest.json moves, a real tritonserver loads the new version and must answer with the "
+        "run's own embeddings. 'auto': where a tritonserver is found (else skipped, and the promotion says why); "
+        "'required': a promotion without one fails; 'off': not checked.")
     on_slower: Literal["fail", "mark", "promote_fp16"] = Field(
         "mark", description="When the speed gate fails: 'fail' the run, 'mark' it not promotable, or 'promote_fp16' "
         "(promote the FP16 encoders instead of the FP8 ones).")

@@ -41,6 +41,9 @@ NIGHTLY = "clip-fp8-nightly"
 MODELS_ENTRYPOINT = "flows/models_night.py:clip_fp8_models"
 MODELS_NIGHTLY = "clip-fp8-models-nightly"
 REGRESSION_ALERT = Path(__file__).resolve().parent / "automations" / "regression-alert.yaml"
+CRASHED_RUNS = Path(__file__).resolve().parent / "automations" / "crashed-runs.yaml"
+# Seconds between a running flow's heartbeats (Prefect's minimum is 30); the zombie automation waits several.
+HEARTBEAT_S = 30
 JOB_TEMPLATES = Path(__file__).resolve().parent / "job-templates"
 POOL_TYPES = ("process", "docker", "kubernetes")
 
@@ -130,11 +133,29 @@ async def ensure_regression_alert(block_name: str) -> str:
         return str(await client.create_automation(automation))
 
 
+async def ensure_crash_recovery(crash_after: int, crash_retries: int) -> dict[str, str]:
+    """The automations of ``crashed-runs.yaml`` with their bounds filled in (replacing older ones of their names)."""
+    import yaml
+    from prefect import get_client
+    from prefect.events.schemas.automations import AutomationCore
+
+    text = (CRASHED_RUNS.read_text().replace("${CRASH_AFTER}", str(crash_after))
+            .replace("${RUN_COUNTS}", json.dumps([str(n) for n in range(crash_retries + 1)])))
+    ids = {}
+    async with get_client() as client:
+        for spec in yaml.safe_load(text):
+            automation = AutomationCore.model_validate(spec)
+            for existing in await client.read_automations_by_name(automation.name):
+                await client.delete_automation(existing.id)
+            ids[f"{automation.name} (automation)"] = str(await client.create_automation(automation))
+    return ids
+
+
 def deploy_all(work_pool: str = "gpu", nightly_cron: str = "0 2 * * *", timezone: str = "UTC",
                gpu_names: tuple[str, ...] = (), on_demand_config: PipelineConfig | None = None,
                nightly_config: PipelineConfig | None = None, notify_block: str | None = None,
                models: ModelsFile | None = None, targets: tuple[BuildTarget, ...] = (),
-               target_pool_type: str = "process") -> dict[str, str]:
+               target_pool_type: str = "process", crash_after: int = 300, crash_retries: int = 2) -> dict[str, str]:
     """Create or update everything; return deployment name -> id."""
     from prefect import flow
     from prefect.schedules import Cron
@@ -145,6 +166,10 @@ def deploy_all(work_pool: str = "gpu", nightly_cron: str = "0 2 * * *", timezone
         raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
     if target_pool_type not in POOL_TYPES:
         raise ValueError(f"--target-pool-type '{target_pool_type}' is not one of {', '.join(POOL_TYPES)}")
+    if crash_after < 2 * HEARTBEAT_S or crash_retries < 0:  # before anything is created
+        raise ValueError(f"--crash-after {crash_after} s must be at least {2 * HEARTBEAT_S} (two heartbeats: a live run "
+                         f"would be marked Crashed) and --crash-retries {crash_retries} at least 0")
+    heartbeat = {"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}}
     asyncio.run(ensure_work_pool(work_pool))
     local_gpu, _ = gpu_info()
     for gpu in {*gpu_names, *(t.gpu for t in targets), *([local_gpu] if local_gpu != "none" else [])}:
@@ -159,19 +184,19 @@ def deploy_all(work_pool: str = "gpu", nightly_cron: str = "0 2 * * *", timezone
             asyncio.run(ensure_work_pool(target.work_pool, target_pool_type))
             ids[f"clip-fp8-engines/{target.slug}"] = str(engines.deploy(
                 name=target.slug, work_pool_name=target.work_pool, work_queue_name=target.work_queue, build=False,
-                push=False, print_next_steps=False, job_variables=target_job_variables(target_pool_type, target),
+                push=False, print_next_steps=False, job_variables=_with_env(target_job_variables(target_pool_type, target), heartbeat),
                 description=f"Build and time clip-fp8 engines on {target.gpu} (started by the pipeline's runs).",
                 tags=["clip-fp8", "engines", gpu_limit_name(target.gpu)]))
 
     source = flow.from_source(source=str(REPO_ROOT), entrypoint=ENTRYPOINT)
     ids[ON_DEMAND] = str(source.deploy(
-        name=ON_DEMAND, work_pool_name=work_pool, build=False, push=False, print_next_steps=False,
+        name=ON_DEMAND, work_pool_name=work_pool, build=False, push=False, print_next_steps=False, job_variables=heartbeat,
         parameters={"config": (on_demand_config or PipelineConfig()).model_dump(mode="json")},
         description="Run the clip-fp8 pipeline once; every section of the form is a PipelineConfig section.",
         tags=["clip-fp8", "on-demand"],
     ))
     ids[NIGHTLY] = str(source.deploy(
-        name=NIGHTLY, work_pool_name=work_pool, build=False, push=False, print_next_steps=False,
+        name=NIGHTLY, work_pool_name=work_pool, build=False, push=False, print_next_steps=False, job_variables=heartbeat,
         parameters={"config": (nightly_config or production_config()).model_dump(mode="json")},
         schedules=[Cron(nightly_cron, timezone=timezone)], paused=models is not None,
         description="Nightly re-quantization of the production CLIP; unchanged inputs finish from the cache."
@@ -182,6 +207,7 @@ def deploy_all(work_pool: str = "gpu", nightly_cron: str = "0 2 * * *", timezone
         many = flow.from_source(source=str(REPO_ROOT), entrypoint=MODELS_ENTRYPOINT)
         ids[MODELS_NIGHTLY] = str(many.deploy(
             name=MODELS_NIGHTLY, work_pool_name=work_pool, build=False, push=False, print_next_steps=False,
+            job_variables=heartbeat,
             parameters={"models": [m.model_dump(mode="json") for m in models.models],
                         "config": (nightly_config or production_config()).model_dump(mode="json"),
                         "deployment": f"clip-fp8/{ON_DEMAND}"},
@@ -189,6 +215,11 @@ def deploy_all(work_pool: str = "gpu", nightly_cron: str = "0 2 * * *", timezone
             description="Nightly: one clip-fp8 pipeline run per model of the models file, one table for all.",
             tags=["clip-fp8", "nightly", "models"],
         ))
+    ids.update(asyncio.run(ensure_crash_recovery(crash_after, crash_retries)))
     if notify_block:
         ids["regression-alert (automation)"] = asyncio.run(ensure_regression_alert(notify_block))
     return ids
+
+
+def _with_env(job_variables: dict, extra: dict) -> dict:
+    return {**job_variables, "env": {**(job_variables.get("env") or {}), **extra["env"]}}

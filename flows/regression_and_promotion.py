@@ -161,7 +161,8 @@ def publish(summary: dict[str, Any], record: dict[str, Any], config: PipelineCon
     provenance["forced"] = forced
     try:
         done = promote(summary, provenance, cfg.repository, keep_versions=cfg.keep_versions, include_fp16=cfg.include_fp16,
-                       batch_sizes=config.benchmark.batch_sizes, max_batch=config.build.max_batch)
+                       batch_sizes=config.serving.batch_sizes, max_batch=config.build.max_batch,
+                       small_batch=config.serving.small_batch, smoke=cfg.smoke_check)
     except PromotionError as exc:
         return {"version": None, "skipped": str(exc)}
     done["forced"] = forced

@@ -51,9 +51,9 @@ MUTANTS = [
      "        if why := over_limit(metric, now[metric], then[metric], config.evaluation.max_drop):",
      "tests/test_history.py::test_three_nights_are_recorded_unchanged_and_regressed_and_only_the_first_is_promoted"),
     ("latest.json moved before the model configs", "clip_fp8/triton_repository.py",
-     "    for model, config in configs.items():\n        repo.write(f\"{model}/config.pbtxt\", config)\n    repo.write(LATEST,",
-     "    repo.write(LATEST, json.dumps({\"version\": version, \"run\": summary.get(\"run\"), \"configs\": configs}))\n"
-     "    for model, config in configs.items():\n        repo.write(f\"{model}/config.pbtxt\", config)\n    repo.write(LATEST,",
+     "    for rel, config in staged.configs.items():\n        repo.write(rel, config)\n    repo.write(LATEST,",
+     "    repo.write(LATEST, json.dumps({\"version\": staged.version, \"configs\": staged.configs}))\n"
+     "    for rel, config in staged.configs.items():\n        repo.write(rel, config)\n    repo.write(LATEST,",
      "tests/test_history.py::test_a_crash_in_the_middle_of_promotion_leaves_latest_on_the_previous_version"),
     ("recovery ignores its FP16 budget", "tasks/recovery.py",
      "        if fp16_share(ranking, [u[\"unit\"] for u in [*chosen, unit]]) > max_fp16_fraction + 1e-12:",
@@ -183,6 +183,24 @@ MUTANTS = [
     ("the parser race's SystemError raised, not retried", "clip_fp8/imports.py",
      '                if "recursion depth mismatch" not in str(exc) or attempt == _PARSE_ATTEMPTS - 1:',
      "                if True:", "tests/test_units.py::test_a_parse_that_meets_the_interpreter_wide_counter_race_is_retried"),
+    ("promotion activates a version without its smoke check", "clip_fp8/triton_repository.py",
+     'required=smoke == "required") if smoke != "off" else', 'required=smoke == "required") if False else',
+     "tests/test_serving.py::test_a_version_with_a_deleted_weight_file_fails_the_smoke_check_and_latest_stays"),
+    ("the smoke check's tolerance never applied", "clip_fp8/triton_repository.py",
+     "    if bad := {m: c for m, c in results.items() if not c >= SMOKE_MIN_COSINE}:",
+     "    if bad := {m: c for m, c in results.items() if not c >= -1.0}:",
+     "tests/test_serving.py::test_a_version_that_loads_but_answers_other_embeddings_is_refused_naming_the_model"),
+    ("served outputs in another dtype than the config declares", "clip_fp8/triton_model.py",
+     "            out = np.ascontiguousarray(self._run(np.concatenate(arrays)), dtype=self.output_dtype)",
+     "            out = np.ascontiguousarray(self._run(np.concatenate(arrays)), dtype=np.float32)",
+     "tests/test_serving.py::test_clip_fp8_serve_answers_over_http_and_grpc_with_the_pipelines_embeddings"),
+    ("the stub sees this environment's NumPy 2", "clip_fp8/triton_server.py",
+     "    env[SITE_ENV] = os.pathsep.join([*install.site, *site_packages()])",
+     "    env[SITE_ENV] = os.pathsep.join(site_packages())",
+     "tests/test_serving.py::test_promotion_smoke_checks_the_version_on_a_real_server_before_latest_moves"),
+    ("serve exits on Ctrl-C without stopping tritonserver", "clip_fp8/cli.py",
+     "        code = server.stop()\n", "        code = None\n",
+     "tests/test_serving.py::test_ctrl_c_stops_the_server_within_10_s_leaving_no_process"),
 ]
 
 

@@ -72,15 +72,22 @@ def server(tmp_path_factory):
 def deployed(server):
     # Idempotent: the build-matrix and alert tests deploy again onto the same pool and deployments.
     out = subprocess.run([str(BIN / "clip-fp8"), "deploy", "--work-pool", "test-pool", "--nightly-cron", "30 3 * * *",
-                          "--timezone", "Europe/Berlin", "--gpu-name", "NVIDIA H100 80GB HBM3"],
+                          "--timezone", "Europe/Berlin", "--gpu-name", "NVIDIA H100 80GB HBM3",
+                          "--crash-after", str(CRASH_AFTER_S), "--crash-retries", "1"],
                          env=server["env"], capture_output=True, text=True, timeout=300, cwd=server["home"])
     assert out.returncode == 0, out.stderr[-3000:]
     log = open(server["home"] / "worker.log", "w")
     worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "test-pool", "--type", "process"],
                               env=server["env"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                               cwd=server["home"])
+    server["workers"] = [worker]  # a test that kills it starts the next one here
     yield server
-    _stop(worker)
+    for worker in server["workers"]:
+        _stop(worker)
+
+
+# Three heartbeats (30 s apart, Prefect's minimum): a live run on a busy CI host is never taken for a dead one.
+CRASH_AFTER_S = 90
 
 
 def _api(server, coro_fn):
@@ -492,3 +499,57 @@ def test_two_simultaneous_runs_compute_each_artifact_once(tmp_path):
         statuses = sorted(s["stages"][stage]["status"] for s in summaries)
         assert statuses == ["cached", "completed"], (stage, statuses)
     assert not list((root / "locks").glob("*.lock"))  # every lock released
+
+
+def _flow_run_processes(flow_run_id) -> list[int]:
+    """PIDs of the processes running a flow run (their environment names it; Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_run_whose_worker_dies_mid_quantize_is_crashed_scheduled_again_and_completed_from_the_cache(deployed, tmp_path):
+    """The worker and its flow process SIGKILLed mid-quantize (a lost node): no heartbeat for CRASH_AFTER_S marks the
+    run Crashed, the recovery automation schedules it again, a new worker completes it with the stages that had
+    finished cached. Last in this module: it replaces the module's worker."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    root = tmp_path / "out"
+    deployment = _api(deployed, lambda c: c.read_deployment_by_name("clip-fp8/clip-fp8-on-demand"))
+    run = _api(deployed, lambda c: c.create_flow_run_from_deployment(deployment.id,
+                                                                     parameters={"config": _small_config(root)}))
+    deadline, quantizing = time.time() + 300, False
+    while time.time() < deadline and not quantizing:
+        tasks = _api(deployed, lambda c: c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))))
+        quantizing = any(t.name.startswith("quantize") and t.state and t.state.is_running() for t in tasks)
+        time.sleep(0.5)
+    assert quantizing, (deployed["home"] / "worker.log").read_text()[-3000:]
+    killed = _flow_run_processes(run.id)
+    assert killed, "no process runs the flow run"
+    (worker,) = deployed["workers"]
+    os.killpg(worker.pid, signal.SIGKILL)
+    for pid in killed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    worker.wait()
+    log = open(deployed["home"] / "worker-2.log", "w")
+    deployed["workers"].append(subprocess.Popen(
+        [str(BIN / "prefect"), "worker", "start", "--pool", "test-pool", "--type", "process"], env=deployed["env"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=deployed["home"]))
+
+    final = _wait_for_run(deployed, run.id, timeout=CRASH_AFTER_S + 420)
+    history = [s.name for s in _api(deployed, lambda c: c.read_flow_run_states(run.id))]
+    assert final.state.is_completed(), (history, (deployed["home"] / "worker-2.log").read_text()[-3000:])
+    assert "Crashed" in history and history.index("Crashed") < len(history) - 1, history
+    assert final.run_count == 2, final.run_count
+    summary = json.loads(next((root / "runs").glob(f"*-{final.name}/summary.json")).read_text())
+    status = {name: stage["status"] for name, stage in summary["stages"].items()}
+    assert status["calibration_data"] == "cached", status  # quantize had started: its input was published
+    assert status["quantize"] == "completed" and summary["status"] == "completed", status
