@@ -411,6 +411,10 @@ def deploy(
     target: list[str] = typer.Option([], help="Build target 'GPU type=work pool[/queue]' (repeatable): engines are built "
                                      "and timed on that pool's workers; creates the pool and its engines deployment."),
     target_pool_type: str = typer.Option("process", help="Type of the target pools it creates: process, docker or kubernetes."),
+    crash_after: int = typer.Option(300, help="Seconds without a heartbeat after which a run is marked Crashed (its "
+                                    "worker or node is gone); at least 60."),
+    crash_retries: int = typer.Option(2, help="How many times a crashed run is scheduled again (it resumes from the "
+                                      "cache); then it stays Crashed."),
 ) -> None:
     """Create the work pool, GPU concurrency limits and the on-demand and nightly deployments (idempotent)."""
     from clip_fp8.config import ModelsFile
@@ -420,7 +424,8 @@ def deploy(
         models_file = ModelsFile.from_file(models) if models else None
         targets = tuple(parse_target(t) for t in target)
         ids = deploy_all(work_pool, nightly_cron, timezone, tuple(gpu_name), notify_block=notify_block, models=models_file,
-                         targets=targets, target_pool_type=target_pool_type)
+                         targets=targets, target_pool_type=target_pool_type, crash_after=crash_after,
+                         crash_retries=crash_retries)
     except (ValueError, FileNotFoundError) as exc:  # a bad models file; a named thing that does not exist (the block)
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)

@@ -309,13 +309,13 @@ class ServingConfig(Section):
 
 
 class OutputConfig(Section):
-    root: str = Field("clip-fp8-output", description="Directory, or fsspec URL (e.g. s3://bucket/prefix, credentials from the `AWS_*` environment), for runs, the artifact store and Prefect cache records.")
+    root: str = Field("clip-fp8-output", json_schema_extra={"destination": True}, description="Directory, or fsspec URL (e.g. s3://bucket/prefix, credentials from the `AWS_*` environment), for runs, the artifact store and Prefect cache records.")
     run_name: str | None = Field(None, description="Name of this run's report folder; default: the flow run's name.")
 
 
 class PromotionConfig(Section):
     repository: str | None = Field(
-        None, json_schema_extra={"locator": True},
+        None, json_schema_extra={"locator": True, "destination": True},
         description="Triton model repository (a path or fsspec URL) that a promotable, non-regressed run that changed "
         "something publishes its encoders to, as the next version of `clip_image_fp8` / `clip_text_fp8`. Empty: no promotion.",
     )

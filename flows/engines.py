@@ -28,6 +28,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from clip_fp8.artifacts import ArtifactRef, ArtifactStore
 from clip_fp8.config import BuildConfig, BuildTarget, PipelineConfig
 from clip_fp8.errors import BuildTargetError, PipelineInputError
+from clip_fp8.security import check_allowed_roots
 from clip_fp8.flows.stage_task import stage_results, stage_task
 from clip_fp8.flows.failures import first_line, one_line, outcome_row
 from clip_fp8.tasks.benchmark import benchmark
@@ -82,6 +83,7 @@ def check_targets(cfg: BuildConfig) -> None:
 def clip_fp8_engines(target: BuildTarget, repaired: list[ArtifactRef], model_source: ArtifactRef,
                      torch_fp8: ArtifactRef | None = None, config: PipelineConfig = PipelineConfig()) -> dict:
     """Build and time the repaired graphs' engines on this worker's GPU, for one target of the build matrix."""
+    check_allowed_roots(config)
     store = ArtifactStore(config.output.root)
     outcome = {"target": target.gpu, "status": "failed", "error": "", "builds": "[]", "benchmark": ""}
     try:

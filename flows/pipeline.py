@@ -44,6 +44,7 @@ from clip_fp8.flows.engines import check_targets, engines_on_target
 from clip_fp8.flows.run_record import OUTCOME_ARTIFACT, RunRecord, last_attempt  # noqa: F401 - OUTCOME_ARTIFACT: models night
 from clip_fp8.flows.stage_task import stage_results, stage_task
 from clip_fp8.imports import preload
+from clip_fp8.security import check_allowed_roots
 from clip_fp8.tasks.audit import audit
 from clip_fp8.tasks.baseline_model import baseline_model
 from clip_fp8.tasks.benchmark import benchmark
@@ -109,6 +110,7 @@ class Stages(dict):
 @flow(name="clip-fp8", log_prints=True, validate_parameters=True, task_runner=ThreadPoolTaskRunner(max_workers=8))
 def clip_fp8_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
     """Quantize a CLIP checkpoint to FP8, check it, export and repair its encoders, build and time engines."""
+    check_allowed_roots(config)  # before anything is read or written: the worker's bound, not the form's
     store = ArtifactStore(config.output.root)
     record = RunRecord(store, config)
     try:

@@ -74,7 +74,10 @@ class RunRecord:
             if state.is_completed():
                 ref = state.result()
                 self.refs[label] = ref
-                cached = state.name == "Cached" or str(future.task_run_id) in REUSED
+                # Not executed in this process: a Prefect cache hit, an artifact found published (REUSED), or a stage
+                # an earlier attempt of this flow run completed (a crashed run scheduled again reuses its task runs).
+                cached = state.name == "Cached" or str(future.task_run_id) in REUSED \
+                    or str(future.task_run_id) not in EXECUTIONS
                 record["status"] = "skipped" if "skip_reason" in ref.meta else "cached" if cached else "completed"
                 record["note"] = ref.meta.get("skip_reason") or ref.meta.get("note", "")
             elif state.is_failed() or state.is_crashed():

@@ -201,6 +201,27 @@ MUTANTS = [
     ("serve exits on Ctrl-C without stopping tritonserver", "clip_fp8/cli.py",
      "        code = server.stop()\n", "        code = None\n",
      "tests/test_serving.py::test_ctrl_c_stops_the_server_within_10_s_leaving_no_process"),
+    ("the store's credential saved into Prefect's result-storage block", "flows/stage_task.py",
+     '    RemoteFileSystem(basepath=f"{store.url}/prefect-results").save(name, overwrite=True)',
+     '    RemoteFileSystem(basepath=f"{store.url}/prefect-results", settings={"secret": __import__("os").environ.get('
+     '"AWS_SECRET_ACCESS_KEY", "")}).save(name, overwrite=True)',
+     "tests/test_remote_store.py::test_hosts_sharing_only_the_bucket_compute_each_artifact_once_reuse_it_and_survive_a_killed_holder"),
+    ("the flow does not check the worker's allowed roots", "flows/pipeline.py",
+     "    check_allowed_roots(config)  # before anything", "    pass  # before anything",
+     "tests/test_bad_inputs.py::test_a_path_outside_the_workers_allowed_roots_fails_in_one_line_before_anything_is_written"),
+    ("allowed roots skip the paths inside list entries", "clip_fp8/security.py",
+     "                if isinstance(item, BaseModel):\n", "                if False:\n",
+     "tests/test_bad_inputs.py::test_a_path_outside_the_workers_allowed_roots_fails_in_one_line_before_anything_is_written"),
+    ("crashed runs never scheduled again (the run-count bound off by one run)", "deployments/deploy.py",
+     '.replace("${RUN_COUNTS}", json.dumps([str(n) for n in range(crash_retries + 1)])))',
+     '.replace("${RUN_COUNTS}", json.dumps([str(n) for n in range(crash_retries + 1, crash_retries + 2)])))',
+     "tests/test_deployment.py::test_a_run_whose_worker_dies_mid_quantize_is_crashed_scheduled_again_and_completed_from_the_cache"),
+    ("the compose server starts without its auth string", "docker/compose.yaml",
+     "      PREFECT_SERVER_API_AUTH_STRING: ${PREFECT_AUTH:?set PREFECT_AUTH=user:password (see the top of this file)}\n",
+     "", "tests/test_controls.py::test_a_server_started_with_the_compose_auth_setting_refuses_unauthenticated_calls"),
+    ("the compose server's port open on every interface", "docker/compose.yaml",
+     '    ports: ["${PREFECT_BIND:-127.0.0.1}:4200:4200"]', '    ports: ["4200:4200"]',
+     "tests/test_controls.py::test_the_compose_server_requires_auth_binds_to_loopback_and_bounds_the_workers"),
 ]
 
 

@@ -142,3 +142,32 @@ def test_cli_rejects_a_bad_override(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "num_samples" in result.stderr
+
+
+@pytest.mark.parametrize("field, value", [
+    ("model.source", "{outside}/model"),                  # a checkpoint folder the worker may not read
+    ("calibration.source", "coco:{outside}/coco"),         # a dataset behind a source prefix
+    ("evaluation.datasets", '[{{"name": "cifar100", "root": "{outside}/cifar"}}]'),  # inside a list entry
+    ("output.root", "{outside}/out"),                      # a destination that does not exist yet
+    ("promotion.repository", "{outside}/triton"),
+])
+def test_a_path_outside_the_workers_allowed_roots_fails_in_one_line_before_anything_is_written(
+        fast_config, tmp_path, monkeypatch, field, value):
+    """CLIP_FP8_ALLOWED_ROOTS is the worker's setting: a run naming any local path outside it (whichever field,
+    derived from the config's locator and destination marks) fails before any stage, writing nothing."""
+    allowed, outside = tmp_path / "allowed", tmp_path / "elsewhere"
+    for folder in (allowed, outside / "model", outside / "coco", outside / "cifar"):
+        folder.mkdir(parents=True)
+    monkeypatch.setenv("CLIP_FP8_ALLOWED_ROOTS", str(allowed))
+    config = fast_config.with_overrides([f"output.root={allowed / 'out'}", f"{field}={value.format(outside=outside)}"])
+    with pytest.raises(PipelineInputError) as info:
+        clip_fp8_pipeline(config)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(field) and "outside this worker's allowed roots" in message, message
+    assert str(allowed) in message and "CLIP_FP8_ALLOWED_ROOTS" in message
+    assert not (allowed / "out").exists() and not (outside / "out").exists()
+    # The same run with every path under the allowed root is not refused by it (the embedded default runs).
+    monkeypatch.setenv("CLIP_FP8_ALLOWED_ROOTS", f"{outside}{os.pathsep}{allowed}")
+    from clip_fp8.security import check_allowed_roots
+
+    check_allowed_roots(config)

@@ -24,6 +24,10 @@ STAGES = ("calibration_data", "baseline_model", "quantize", "audit", "evaluate_b
 pytestmark = pytest.mark.slow  # a real S3 API (moto's server) and hosts in subprocesses
 
 
+# The store's credential, from the environment as the hosts get it: it must appear in nothing a run writes.
+PLANTED_SECRET = "planted-secret-4c1e9a7f"
+
+
 @pytest.fixture(scope="module")
 def s3_endpoint():
     from moto.server import ThreadedMotoServer
@@ -33,12 +37,12 @@ def s3_endpoint():
         port = s.getsockname()[1]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": PLANTED_SECRET, "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
     import boto3
 
     boto3.client("s3", **{"endpoint_url": env["AWS_ENDPOINT_URL"], "region_name": "us-east-1",
-                          "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}).create_bucket(Bucket="models")
+                          "aws_access_key_id": "testing", "aws_secret_access_key": PLANTED_SECRET}).create_bucket(Bucket="models")
     yield env
     server.stop()
 
@@ -60,14 +64,14 @@ def run_on_host(host: Path, env: dict, url: str) -> dict:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     import fsspec
 
-    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]}, key="testing", secret="testing")
+    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]}, key="testing", secret=PLANTED_SECRET)
     return json.loads(fs.cat_file(f"{url.removeprefix('s3://')}/runs/{host.name}/summary.json"))
 
 
 def _s3(env: dict):
     import s3fs
 
-    return s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]})
+    return s3fs.S3FileSystem(key="testing", secret=PLANTED_SECRET, client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]})
 
 
 def test_object_store_locks_admit_one_holder_and_expire_a_dead_one(s3_endpoint):
@@ -155,3 +159,10 @@ def test_hosts_sharing_only_the_bucket_compute_each_artifact_once_reuse_it_and_s
     summary = json.loads(fs.cat_file(f"models/two-hosts/runs/host-{survivor}/summary.json"))
     assert summary["status"] == "completed" and summary["stages"]["quantize"]["status"] == "completed"
     assert not fs.glob("models/two-hosts/locks/*.lock")
+
+    # The credential is in no output: no object in the bucket (store, summaries, reports, history, Prefect's
+    # result records), no file a host wrote (its cache, its Prefect database with the runs' artifacts and logs).
+    leaked = [path for path in fs.find("models") if PLANTED_SECRET.encode() in fs.cat_file(path)]
+    leaked += [str(p) for p in tmp_path.rglob("*") if p.is_file() and PLANTED_SECRET.encode() in p.read_bytes()]
+    assert not leaked, leaked
+    assert len(fs.find("models/two-hosts/runs")) > 10  # the outputs were there to be searched
