@@ -222,6 +222,20 @@ MUTANTS = [
     ("the compose server's port open on every interface", "docker/compose.yaml",
      '    ports: ["${PREFECT_BIND:-127.0.0.1}:4200:4200"]', '    ports: ["4200:4200"]',
      "tests/test_controls.py::test_the_compose_server_requires_auth_binds_to_loopback_and_bounds_the_workers"),
+    ("surgery leaves the exporter's FP8-rounded weights of FP16 layers", "tasks/onnx_passes.py",
+     '        report["fp16_weights_restored"] = restore_fp16_weights(model, precision)',
+     '        report["fp16_weights_restored"] = 0',
+     "tests/test_surgery.py::test_the_graph_audit_finds_the_fp8_patch_embedding_weight_and_surgery_restores_it"),
+    ("the graph audit blind to FP8 in an FP16 layer", "tasks/onnx_passes.py",
+     "        elif not quantized and (fp8_weight or quantized_input):", "        elif False:",
+     "tests/test_surgery.py::test_the_graph_audit_finds_the_fp8_patch_embedding_weight_and_surgery_restores_it"),
+    ("surgery's ONNX check judges the average input", "tasks/surgery.py",
+     "        if not sims.min() >= cfg.min_cosine:", "        if not sims.mean() >= cfg.min_cosine:",
+     "tests/test_pipeline_e2e.py::test_the_onnx_check_judges_the_worst_input_not_the_average"),
+    ("calibration drops the last partial batch", "tasks/calibration_sources.py",
+     "    for start in range(0, len(pairs), batch_size):\n        chunk = pairs[start:start + batch_size]",
+     "    for start in range(0, len(pairs) - batch_size + 1, batch_size):\n        chunk = pairs[start:start + batch_size]",
+     "tests/test_units.py::test_quantize_feeds_every_manifest_pair_in_batches_of_the_configured_size"),
 ]
 
 

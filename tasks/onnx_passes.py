@@ -24,12 +24,20 @@ reports how many places it touched:
    ``Softmax -> IsNaN -> Where(nan, 0, p)`` ("safe softmax"); ModelOpt only quantizes a Softmax whose
    consumers are all MatMuls, so the text tower's P.V GEMMs stayed FP16 (0 of 12 on ViT-L/14). The same
    fixed-scale FP8 Q/DQ ModelOpt uses (1/448: probabilities lie in [0, 1]) goes on the ``Where`` output.
-7. Stale ``value_info`` is dropped and shapes are re-inferred.
+7. ``restore_fp16_weights``: ModelOpt's exporter FP8-rounds every Conv weight, also the patch embedding that
+   ``quantization.exclude`` keeps in FP16 (its input is not quantized, so the layer runs in FP16 on FP8-rounded
+   weights that neither the fake-quant model nor the recipe has). A GEMM or Conv whose module the model keeps in
+   FP16 gets its weight back from the model, unrounded, in the graph's type.
+8. Stale ``value_info`` is dropped and shapes are re-inferred.
+
+``graph_audit`` then checks the result against the model: every GEMM and Conv of a quantized module reads an
+FP8 weight, and none of a module the model keeps in FP16 reads an FP8 weight or a quantized input.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -243,14 +251,93 @@ def quantize_safe_softmax(model: onnx.ModelProto) -> int:
     return inserted
 
 
-def repair_for_strong_typing(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
-    """Apply every pass; return the repaired model and what each pass changed."""
+# module path -> (is it quantized in the model, its weight as stored in torch's layout); None: no such weighted module.
+Precision = Callable[[str], "tuple[bool, np.ndarray] | None"]
+WEIGHTED_OPS = ("MatMul", "Gemm", "Conv")
+
+
+def module_of(node: onnx.NodeProto) -> str:
+    """The module a node was exported from: ``/vision_model/embeddings/patch_embedding/Conv`` ->
+    ``vision_model.embeddings.patch_embedding``."""
+    return ".".join(node.name.strip("/").split("/")[:-1])
+
+
+def _fp8_weight_dq(model: onnx.ModelProto, node: onnx.NodeProto, producer: dict) -> onnx.NodeProto | None:
+    """The DequantizeLinear of an FP8 initializer that feeds ``node``'s weight input, if any."""
+    inits = {i.name: i for i in model.graph.initializer}
+    dq = producer.get(node.input[1]) if len(node.input) > 1 else None
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return None
+    weight = inits.get(dq.input[0])
+    return dq if weight is not None and weight.data_type == TensorProto.FLOAT8E4M3FN else None
+
+
+def restore_fp16_weights(model: onnx.ModelProto, precision: Precision) -> int:
+    """Give every GEMM/Conv of a module the model keeps in FP16 its unrounded weight instead of an FP8 one."""
+    producer = {out: n for n in model.graph.node for out in n.output}
+    inits = {i.name: i for i in model.graph.initializer}
+    restored = 0
+    for node in list(model.graph.node):
+        found = precision(module_of(node)) if node.op_type in WEIGHTED_OPS else None
+        if found is None or found[0] or (dq := _fp8_weight_dq(model, node, producer)) is None:
+            continue
+        weight = found[1]
+        if node.op_type == "MatMul" or (node.op_type == "Gemm" and not any(a.name == "transB" and a.i for a in node.attribute)):
+            weight = weight.T
+        dtype = helper.tensor_dtype_to_np_dtype(inits[dq.input[1]].data_type)  # the DQ's output type: its scale's
+        name = f"{module_of(node)}.weight"
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight).astype(dtype), name))
+        node.input[1] = name
+        restored += 1
+    _drop_unused(model)
+    return restored
+
+
+def _drop_unused(model: onnx.ModelProto) -> None:
+    """Remove nodes whose outputs nothing reads (the weight DQs restore_fp16_weights bypassed) and unread initializers."""
+    outputs = {o.name for o in model.graph.output}
+    while True:
+        read = {i for n in model.graph.node for i in n.input} | outputs
+        dead = [n for n in model.graph.node if n.output and not any(o in read for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            model.graph.node.remove(n)
+    read = {i for n in model.graph.node for i in n.input}
+    for init in [i for i in model.graph.initializer if i.name not in read]:
+        model.graph.initializer.remove(init)
+
+
+def graph_audit(model: onnx.ModelProto, precision: Precision) -> list[str]:
+    """Where the graph's precision differs from the model's, one line per module (empty: they agree)."""
+    producer = {out: n for n in model.graph.node for out in n.output}
+    problems = []
+    for node in model.graph.node:
+        found = precision(module_of(node)) if node.op_type in WEIGHTED_OPS else None
+        if found is None:
+            continue  # attention's Q.K and P.V, or no module: nothing the model stores a weight for
+        quantized, fp8_weight = found[0], _fp8_weight_dq(model, node, producer) is not None
+        source = producer.get(node.input[0])
+        quantized_input = source is not None and source.op_type == "DequantizeLinear"
+        if quantized and not fp8_weight:
+            problems.append(f"{module_of(node)}: FP8 in the model, but {node.name} reads no FP8 weight")
+        elif not quantized and (fp8_weight or quantized_input):
+            what = "an FP8 weight" if fp8_weight else "a quantized input"
+            problems.append(f"{module_of(node)}: FP16 in the model, but {node.name} reads {what}")
+    return problems
+
+
+def repair_for_strong_typing(model: onnx.ModelProto, precision: Precision | None = None) -> tuple[onnx.ModelProto, dict]:
+    """Apply every pass; return the repaired model and what each pass changed. ``precision`` (the model's, per
+    module) enables ``restore_fp16_weights``."""
     report = {"retyped": retype_float32(model), "moved_transpose_shapes": fix_moved_transpose_shapes(model),
               "qdq_standardized": standardize_qdq(model)}
     del model.graph.value_info[:]
     report["identity_casts_dropped"] = drop_identity_casts(model)
     report["weight_transposes_folded"] = fold_weight_transposes(model)
     report["safe_softmax_quantized"] = quantize_safe_softmax(model)
+    if precision is not None:
+        report["fp16_weights_restored"] = restore_fp16_weights(model, precision)
     model = shape_inference.infer_shapes(model, data_prop=True)
     onnx.checker.check_model(model, full_check=False)
     return model, report

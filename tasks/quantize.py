@@ -146,7 +146,7 @@ def quantize(model_source: ArtifactRef, calibration: ArtifactRef, data_source: A
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     batch_size = calib_cfg.batch_size
-    seen = {"samples": 0, "batch_size": batch_size}
+    seen = {"rows": [], "batch_size": batch_size}  # rows of every forward the model actually ran
 
     def forward_loop(m) -> None:
         nonlocal batch_size
@@ -157,8 +157,10 @@ def quantize(model_source: ArtifactRef, calibration: ArtifactRef, data_source: A
                 for start in range(0, len(batch["input_ids"]), batch_size):
                     while True:
                         try:
-                            m(input_ids=batch["input_ids"][start:start + batch_size].to(device),
+                            ids = batch["input_ids"][start:start + batch_size]
+                            m(input_ids=ids.to(device),
                               pixel_values=batch["pixel_values"][start:start + batch_size].to(device, dtype))
+                            seen["rows"].append(len(ids))
                             break
                         except torch.OutOfMemoryError:
                             if batch_size == 1:
@@ -166,7 +168,6 @@ def quantize(model_source: ArtifactRef, calibration: ArtifactRef, data_source: A
                             batch_size //= 2
                             seen["batch_size"] = batch_size
                             torch.cuda.empty_cache()
-                seen["samples"] += len(batch["input_ids"])
 
     # The whole of ModelOpt's quantize holds the lock, not only the calibration batches: a quantizer forward
     # that ran while an in-process export had torch.onnx's flag set failed "Quantizer has not been calibrated".
@@ -181,7 +182,8 @@ def quantize(model_source: ArtifactRef, calibration: ArtifactRef, data_source: A
     (out_dir / "quantizers.json").write_text(json.dumps(rows, indent=1))
     (out_dir / "quant_config.json").write_text(json.dumps(fp8_quant_config(cfg, list(recovered)), indent=1, default=list))
     info = {
-        "calibration_samples": seen["samples"],
+        "calibration_samples": sum(seen["rows"]),  # counted as fed, so a pair the loop skips shows here
+        "calibration_forward_rows": seen["rows"],
         "calibration_batch_size": seen["batch_size"],
         "requested_batch_size": calib_cfg.batch_size,
         "quantizers_enabled": sum(r["enabled"] for r in rows),

@@ -64,6 +64,23 @@ def generated_manifest(n: int, seed: int = 0) -> dict:
             "pairs": [{"index": i, "caption": synthetic.make_sample(seed, i).caption} for i in range(n)]}
 
 
+def module_precision(model):
+    """The model's precision per module, for ``onnx_passes``: (quantized, weight) of a module with a weight
+    (quantized: its weight quantizer is enabled, as the fake-quant evaluation ran it), None for any other name."""
+    def lookup(path: str):
+        try:
+            module = model.get_submodule(path) if path else None
+        except AttributeError:
+            return None
+        weight = getattr(module, "weight", None)
+        if weight is None or not hasattr(weight, "detach"):
+            return None
+        quantizer = getattr(module, "weight_quantizer", None)
+        return bool(quantizer is not None and quantizer.is_enabled), weight.detach().float().cpu().numpy()
+
+    return lookup
+
+
 def torch_embeddings(model, encoder: str, inputs: np.ndarray) -> np.ndarray:
     import torch
 
@@ -83,7 +100,7 @@ def surgery(variant: Variant, exported: ArtifactRef, model_source: ArtifactRef, 
     """Repair, check and pre-flight ``<variant>_{text,image}``; raise ``GraphCheckError`` naming every failed graph."""
     import onnx
 
-    from clip_fp8.tasks.onnx_passes import qdq_census, repair_for_strong_typing
+    from clip_fp8.tasks.onnx_passes import graph_audit, qdq_census, repair_for_strong_typing
 
     if calibration is not None:
         manifest, root = json.loads(calibration.file("manifest").read_text()), data_source.path
@@ -99,10 +116,15 @@ def surgery(variant: Variant, exported: ArtifactRef, model_source: ArtifactRef, 
     for encoder in ENCODERS:
         name = f"{variant}_{encoder}"
         raw_path = raw_dir / exported.files[name]
-        repaired, changes = repair_for_strong_typing(onnx.load(str(raw_path)))
+        precision = module_precision(model)
+        repaired, changes = repair_for_strong_typing(onnx.load(str(raw_path)), precision)
         path = out_dir / f"{name}.onnx"
         onnx.save(repaired, str(path))
-        entry: dict = {"changes": changes, "bytes": path.stat().st_size, "census": qdq_census(repaired)}
+        entry: dict = {"changes": changes, "bytes": path.stat().st_size, "census": qdq_census(repaired),
+                       "graph_audit": graph_audit(repaired, precision)}
+        if entry["graph_audit"]:  # the graph's precision is not the model's: what was evaluated is not what ships
+            more = f" (and {len(entry['graph_audit']) - 1} more)" if len(entry["graph_audit"]) > 1 else ""
+            failures.append(f"{name}: graph audit: {entry['graph_audit'][0]}{more}")
 
         sims = cosine(onnx_embeddings(path, inputs[encoder]), torch_embeddings(model, encoder, inputs[encoder]))
         entry["onnxruntime"] = {"min_cosine": float(sims.min()), "mean_cosine": float(sims.mean()),

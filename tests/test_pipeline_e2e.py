@@ -492,3 +492,18 @@ def test_torch_fp8_fuses_qkv_exactly_and_serves_each_size_by_the_form_its_table_
     assert not torch.equal(one[0], eight[0])  # two forms, really: the same image through each
     forced = load(artifact, device="cpu", dtype=torch.float32, batch_sizes=(1, 8), small_batch="fp8")
     assert forced.served_by("image", 1) == "fp8" and not forced.twins
+
+
+def test_the_onnx_check_judges_the_worst_input_not_the_average(first_run):
+    """export.min_cosine between the FP8 image graph's worst and mean cosine over the check inputs: the check fails,
+    naming that graph and its worst cosine (an average would have let it through)."""
+    from clip_fp8.errors import PipelineError
+
+    config, first = first_run
+    check = first["onnx"]["fp8_image"]["onnxruntime"]
+    assert check["min_cosine"] < check["mean_cosine"], check  # the premise: the inputs do not all agree equally
+    between = round((check["min_cosine"] + check["mean_cosine"]) / 2, 6)
+    with pytest.raises(PipelineError) as failure:
+        clip_fp8_pipeline(config.with_overrides([f"export.min_cosine={between}"]))
+    assert f"fp8_image: ONNX Runtime vs PyTorch cosine {check['min_cosine']:.4f} < export.min_cosine {between}" \
+        in str(failure.value), str(failure.value)

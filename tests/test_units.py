@@ -353,3 +353,28 @@ def test_a_parse_that_meets_the_interpreter_wide_counter_race_is_retried(monkeyp
     monkeypatch.setattr(imports.ast, "parse", broken)
     with pytest.raises(SystemError, match="something else"):
         imports._parse("import os")
+
+
+def test_quantize_feeds_every_manifest_pair_in_batches_of_the_configured_size(tmp_path):
+    """What quantize's forward loop fed the model, counted forward by forward: every pair of the manifest, in
+    batches of calibration.batch_size, the last one partial (200 pairs in 64s: 64, 64, 64, 8)."""
+    import json
+
+    from clip_fp8.config import PipelineConfig
+    from clip_fp8.stage import execute
+    from clip_fp8.tasks.calibration_data import calibration_data
+    from clip_fp8.tasks.calibration_sources import resolve_data_source
+    from clip_fp8.tasks.checkpoints import resolve_model_source
+    from clip_fp8.tasks.quantize import quantize
+
+    config = PipelineConfig().with_overrides(["calibration.num_samples=200", "calibration.batch_size=64"])
+    store = ArtifactStore(str(tmp_path / "store"))
+    model_source, data_source = resolve_model_source(config.model), resolve_data_source(config.calibration)
+    calibration = execute(calibration_data, store, "c", {"data_source": data_source, "cfg": config.calibration})
+    pairs = len(json.loads(calibration.file("manifest").read_text())["pairs"])
+    quantized = execute(quantize, store, "q", {"model_source": model_source, "calibration": calibration,
+                                               "data_source": data_source, "model_cfg": config.model,
+                                               "calib_cfg": config.calibration, "cfg": config.quantization})
+    assert pairs == 200
+    assert quantized.meta["calibration_forward_rows"] == [64, 64, 64, 8]
+    assert quantized.meta["calibration_samples"] == pairs
