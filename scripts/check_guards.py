@@ -201,10 +201,10 @@ MUTANTS = [
     ("serve exits on Ctrl-C without stopping tritonserver", "clip_fp8/cli.py",
      "        code = server.stop()\n", "        code = None\n",
      "tests/test_serving.py::test_ctrl_c_stops_the_server_within_10_s_leaving_no_process"),
-    ("the store's credential saved into Prefect's result-storage block", "flows/stage_task.py",
-     '    RemoteFileSystem(basepath=f"{store.url}/prefect-results").save(name, overwrite=True)',
-     '    RemoteFileSystem(basepath=f"{store.url}/prefect-results", settings={"secret": __import__("os").environ.get('
-     '"AWS_SECRET_ACCESS_KEY", "")}).save(name, overwrite=True)',
+    ("history records the run's cloud environment, credentials included", "flows/regression_and_promotion.py",
+     '        "libraries": library_versions(RECORDED_LIBRARIES),',
+     '        "libraries": library_versions(RECORDED_LIBRARIES), "environment": {k: v for k, v in '
+     '__import__("os").environ.items() if k.startswith("AWS_")},',
      "tests/test_remote_store.py::test_hosts_sharing_only_the_bucket_compute_each_artifact_once_reuse_it_and_survive_a_killed_holder"),
     ("the flow does not check the worker's allowed roots", "flows/pipeline.py",
      "    check_allowed_roots(config)  # before anything", "    pass  # before anything",
