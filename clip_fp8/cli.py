@@ -174,12 +174,18 @@ class TemporaryServer:
             self.port = probe.getsockname()[1]
         prefect_dir = Path(importlib.util.find_spec("prefect").submodule_search_locations[0])
         self.url = f"http://127.0.0.1:{self.port}/api"
+        # Its log is not the console's: stopped while its services flush events (a run all from the cache ends in
+        # seconds), it logs tracebacks of the cancelled flush. Shown only if it fails to start.
+        import tempfile
+
+        self.log = Path(tempfile.mkstemp(prefix="clip-fp8-prefect-server-", suffix=".log")[1])
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect_dir.parent), "--factory",
              "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
              "--log-level", "error", "--lifespan", "on"],
             env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"},
             start_new_session=True, preexec_fn=_die_with_parent,
+            stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
         )
         os.environ["PREFECT_API_URL"] = self.url  # read when Prefect's settings load, after this
         # Exit handlers run last-registered first: Prefect's log and event workers, registered later,
@@ -193,7 +199,9 @@ class TemporaryServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"the temporary Prefect server exited with code {self.process.returncode}")
+                tail = " | ".join(self.log.read_text(errors="replace").strip().splitlines()[-3:])
+                raise RuntimeError(f"the temporary Prefect server exited with code {self.process.returncode}: {tail} "
+                                   f"(log: {self.log})")
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
                     if response.status == 200:
@@ -211,6 +219,7 @@ class TemporaryServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        self.log.unlink(missing_ok=True)
 
     @classmethod
     def needed(cls) -> bool:

@@ -236,6 +236,9 @@ MUTANTS = [
      "    for start in range(0, len(pairs), batch_size):\n        chunk = pairs[start:start + batch_size]",
      "    for start in range(0, len(pairs) - batch_size + 1, batch_size):\n        chunk = pairs[start:start + batch_size]",
      "tests/test_units.py::test_quantize_feeds_every_manifest_pair_in_batches_of_the_configured_size"),
+    ("the temporary Prefect server logs to the console", "clip_fp8/cli.py",
+     '            stdout=self.log.open("wb"), stderr=subprocess.STDOUT,\n', "",
+     "tests/test_cli.py::test_the_temporary_servers_output_goes_to_its_log_and_a_failed_start_names_it"),
 ]
 
 
