@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -29,8 +30,7 @@ def _row(spec: dict) -> np.ndarray:
     """One valid input row: random pixels; token ids of a short caption's shape (start, zeros, end)."""
     dims = [1, *[int(d) for d in spec["shape"][1:]]]
     if spec["datatype"].startswith("INT"):
-        ids = np.zeros(dims, DTYPES[spec["datatype"]])
-        return ids
+        return np.zeros(dims, DTYPES[spec["datatype"]])
     return np.random.default_rng(0).standard_normal(dims).astype(DTYPES[spec["datatype"]])
 
 
@@ -94,10 +94,11 @@ def main() -> None:
                 r = rows[-1]
                 print(f"{model} c={concurrency}: {r['throughput_per_s']}/s p50 {r['p50_ms']} ms p99 {r['p99_ms']} ms "
                       f"errors {r['errors']} lost {r['lost']}", flush=True)
-    import tritonclient
+    from importlib.metadata import version
 
-    result = {"date": time.strftime("%Y-%m-%d"), "host": platform.node(), "cpu": platform.processor() or platform.machine(),
-              "repository": str(args.repository), "tritonclient": tritonclient.__version__, "rows": rows}
+    result = {"date": time.strftime("%Y-%m-%d"), "host": platform.node(), "cpus": os.cpu_count(),
+              "repository": str(args.repository), "tritonclient": version("tritonclient"),
+              "nvidia-pytriton": version("nvidia-pytriton"), "duration_s": args.duration, "rows": rows}
     args.out.write_text(json.dumps(result, indent=1))
     print("\n| model | concurrency | requests/s | p50 ms | p99 ms | errors | lost |\n|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
