@@ -381,9 +381,7 @@ def smoke_check(repo: Repository, staged: Staged, summary: dict[str, Any], requi
     Runtime's on the run's own graphs (min cosine >= ``SMOKE_MIN_COSINE``); else ``PromotionError`` naming the model."""
     import tempfile
 
-    import numpy as np
-
-    from clip_fp8.triton_server import ServerError, TritonServer, find_tritonserver
+    from clip_fp8.triton_server import ServerError, TritonServer, bytes_inputs, find_tritonserver
 
     try:
         find_tritonserver()
@@ -417,12 +415,7 @@ def smoke_check(repo: Repository, staged: Staged, summary: dict[str, Any], requi
                 tensor.set_data_from_numpy(array)
                 got = client.infer(model, [tensor]).as_numpy(f"{staged.models[model]['graph'].split('_')[1]}_embeds")
                 results[model] = _min_cosine(got, expected[model])
-            raw_inputs = []
-            for name, values in (("text", captions), ("image", images)):
-                tensor = http.InferInput(name, [len(values)], "BYTES")
-                tensor.set_data_from_numpy(np.array(values, dtype=np.object_))
-                raw_inputs.append(tensor)
-            raw = client.infer(RAW_MODEL, raw_inputs)
+            raw = client.infer(RAW_MODEL, bytes_inputs(http, text=captions, image=images))
             text_model, image_model = staged.models[RAW_MODEL]["serves"][1], staged.models[RAW_MODEL]["serves"][0]
             results[f"{RAW_MODEL}:text"] = _min_cosine(raw.as_numpy("text_embeds"), expected[text_model])
             results[f"{RAW_MODEL}:image"] = _min_cosine(raw.as_numpy("image_embeds"), expected[image_model])

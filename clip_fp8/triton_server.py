@@ -217,3 +217,16 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def bytes_inputs(client_module, **values: list) -> list:
+    """Triton ``BYTES`` inputs, one per keyword (``text=[...]``, ``image=[...]``: what ``clip_raw`` takes), for
+    ``tritonclient.http`` or ``tritonclient.grpc``."""
+    import numpy as np
+
+    tensors = []
+    for name, items in values.items():
+        tensor = client_module.InferInput(name, [len(items)], "BYTES")
+        tensor.set_data_from_numpy(np.array(items, dtype=np.object_))
+        tensors.append(tensor)
+    return tensors

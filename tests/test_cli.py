@@ -153,14 +153,18 @@ def test_the_temporary_servers_output_goes_to_its_log_and_a_failed_start_names_i
 
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
     monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{tmp_path}/missing/dir/prefect.db")
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    # It sets PREFECT_API_URL for the run it would serve: that must not outlive this test (a later CLI would
+    # take the dead server's URL as the one to use).
+    before = os.environ.pop("PREFECT_API_URL", None)
     server = TemporaryServer()
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)  # it set it for the run it would serve
     try:
         with pytest.raises(RuntimeError, match=r"the temporary Prefect server exited with code \d+: .+ \(log: ") as failed:
             server.wait(timeout=120)
     finally:
         server.stop()
+        os.environ.pop("PREFECT_API_URL", None)
+        if before is not None:
+            os.environ["PREFECT_API_URL"] = before
     assert "\n" not in str(failed.value)
     console = capfd.readouterr()
     assert "Traceback" not in console.err + console.out, console.err[-2000:]

@@ -470,37 +470,6 @@ def test_build_matrix_builds_on_each_gpu_pool_and_reports_a_missing_one_pending(
         subprocess.run(args, env=deployed["env"], capture_output=True, timeout=300, cwd=deployed["home"], check=True)
 
 
-def test_prefect_yaml_deploys_with_prefect_deploy_all(server):
-    # Last in this module: it redefines the deployments the tests above ran against, on pool "gpu".
-    repo = Path(__file__).resolve().parent.parent
-    subprocess.run([str(BIN / "prefect"), "work-pool", "create", "gpu", "--type", "process"], env=server["env"],
-                   capture_output=True, timeout=120, check=True)
-    out = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], cwd=repo, env=server["env"],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    nightly = _api(server, lambda c: c.read_deployment_by_name("clip-fp8/clip-fp8-nightly"))
-    assert nightly.schedules[0].schedule.cron == "0 2 * * *"
-    assert nightly.parameters["config"]["calibration"]["num_samples"] == 8192
-
-
-
-def test_two_simultaneous_runs_compute_each_artifact_once(tmp_path):
-    """Same parameters, same store, started together: every stage is computed by one run, cached in the other."""
-    root = tmp_path / "shared"
-    args = [str(BIN / "clip-fp8"), "run", "-o", str(root), *SMALL_CLI]
-    procs = [subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    for proc in procs:
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-3000:]
-    summaries = [json.loads(p.read_text()) for p in (root / "runs").glob("*/summary.json") if not p.parent.is_symlink()]
-    assert len(summaries) == 2
-    for stage in ("calibration_data", "quantize", "evaluate", "export_fp16", "export_fp8", "set_scales", "surgery_fp16",
-                  "surgery_fp8"):
-        statuses = sorted(s["stages"][stage]["status"] for s in summaries)
-        assert statuses == ["cached", "completed"], (stage, statuses)
-    assert not list((root / "locks").glob("*.lock"))  # every lock released
-
-
 def _flow_run_processes(flow_run_id) -> list[int]:
     """PIDs of the processes running a flow run (their environment names it; Linux /proc)."""
     found = []
@@ -516,7 +485,8 @@ def _flow_run_processes(flow_run_id) -> list[int]:
 def test_a_run_whose_worker_dies_mid_quantize_is_crashed_scheduled_again_and_completed_from_the_cache(deployed, tmp_path):
     """The worker and its flow process SIGKILLed mid-quantize (a lost node): no heartbeat for CRASH_AFTER_S marks the
     run Crashed, the recovery automation schedules it again, a new worker completes it with the stages that had
-    finished cached. Last in this module: it replaces the module's worker."""
+    finished cached. It replaces the module's worker: after every other test of that worker, before the
+    prefect.yaml test (which moves the deployments to another pool)."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     root = tmp_path / "out"
@@ -553,3 +523,35 @@ def test_a_run_whose_worker_dies_mid_quantize_is_crashed_scheduled_again_and_com
     status = {name: stage["status"] for name, stage in summary["stages"].items()}
     assert status["calibration_data"] == "cached", status  # quantize had started: its input was published
     assert status["quantize"] == "completed" and summary["status"] == "completed", status
+
+
+def test_prefect_yaml_deploys_with_prefect_deploy_all(server):
+    # Last in this module: it redefines the deployments the tests above ran against, on pool "gpu".
+    repo = Path(__file__).resolve().parent.parent
+    subprocess.run([str(BIN / "prefect"), "work-pool", "create", "gpu", "--type", "process"], env=server["env"],
+                   capture_output=True, timeout=120, check=True)
+    out = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], cwd=repo, env=server["env"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    nightly = _api(server, lambda c: c.read_deployment_by_name("clip-fp8/clip-fp8-nightly"))
+    assert nightly.schedules[0].schedule.cron == "0 2 * * *"
+    assert nightly.parameters["config"]["calibration"]["num_samples"] == 8192
+
+
+
+def test_two_simultaneous_runs_compute_each_artifact_once(tmp_path):
+    """Same parameters, same store, started together: every stage is computed by one run, cached in the other."""
+    root = tmp_path / "shared"
+    args = [str(BIN / "clip-fp8"), "run", "-o", str(root), *SMALL_CLI]
+    procs = [subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    summaries = [json.loads(p.read_text()) for p in (root / "runs").glob("*/summary.json") if not p.parent.is_symlink()]
+    assert len(summaries) == 2
+    for stage in ("calibration_data", "quantize", "evaluate", "export_fp16", "export_fp8", "set_scales", "surgery_fp16",
+                  "surgery_fp8"):
+        statuses = sorted(s["stages"][stage]["status"] for s in summaries)
+        assert statuses == ["cached", "completed"], (stage, statuses)
+    assert not list((root / "locks").glob("*.lock"))  # every lock released
+

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from clip_fp8.triton_repository import LATEST, RAW_MODEL, SMOKE_MIN_COSINE, PromotionError, activate, write_version
+from clip_fp8.triton_server import bytes_inputs
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "clip_fp8.cli"]
@@ -163,12 +164,7 @@ def test_strings_and_jpeg_bytes_give_the_tensor_models_embeddings(promoted, serv
     _, _, _, grpc_url = served
     captions, jpegs, ids, _ = _inputs(summary)
     client = grpcclient.InferenceServerClient(grpc_url)
-    inputs = []
-    for name, values in (("text", captions), ("image", jpegs)):
-        tensor = grpcclient.InferInput(name, [len(values)], "BYTES")
-        tensor.set_data_from_numpy(np.array(values, dtype=np.object_))
-        inputs.append(tensor)
-    raw = client.infer(RAW_MODEL, inputs)
+    raw = client.infer(RAW_MODEL, bytes_inputs(grpcclient, text=captions, image=jpegs))
     assert _cosines(raw.as_numpy("text_embeds"), _pipeline_embeddings(summary, "text", ids)).min() >= SAME_RUNTIME_MIN_COSINE
     # The images: the server decodes the JPEG bytes; the reference decodes the same bytes here.
     import io
@@ -182,9 +178,7 @@ def test_strings_and_jpeg_bytes_give_the_tensor_models_embeddings(promoted, serv
     assert _cosines(raw.as_numpy("image_embeds"), _pipeline_embeddings(summary, "image", decoded)).min() \
         >= SAME_RUNTIME_MIN_COSINE
     # Text alone: no image rows.
-    only_text = grpcclient.InferInput("text", [1], "BYTES")
-    only_text.set_data_from_numpy(np.array([captions[0]], dtype=np.object_))
-    answer = client.infer(RAW_MODEL, [only_text])
+    answer = client.infer(RAW_MODEL, bytes_inputs(grpcclient, text=captions[:1]))
     assert answer.as_numpy("text_embeds").shape[0] == 1 and answer.as_numpy("image_embeds").shape[0] == 0
 
 
