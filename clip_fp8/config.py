@@ -48,6 +48,11 @@ def read_mapping(path: str | Path, what: str, expected: str) -> dict:
     return data
 
 
+def yaml_off_is_off(value: Any) -> Any:
+    """YAML 1.1 reads a bare `off` (in a config file or a --set) as false: for a setting whose choices include 'off'."""
+    return "off" if value is False else value
+
+
 class ModelConfig(Section):
     source: str = Field(
         EMBEDDED_MODEL,
@@ -130,11 +135,7 @@ class QuantizationConfig(Section):
     )
 
 
-    @field_validator("recovery", mode="before")
-    @classmethod
-    def _yaml_off_is_off(cls, value: Any) -> Any:
-        # YAML 1.1 reads a bare `off` (in a config file or a --set) as false.
-        return "off" if value is False else value
+    _recovery_off = field_validator("recovery", mode="before")(lambda cls, value: yaml_off_is_off(value))
 
 
 class EvalDataset(Section):
@@ -333,6 +334,7 @@ class PromotionConfig(Section):
         "auto", description="Before latest.json moves, a real tritonserver loads the new version and must answer with the "
         "run's own embeddings. 'auto': where a tritonserver is found (else skipped, and the promotion says why); "
         "'required': a promotion without one fails; 'off': not checked.")
+    _smoke_check_off = field_validator("smoke_check", mode="before")(lambda cls, value: yaml_off_is_off(value))
     on_slower: Literal["fail", "mark", "promote_fp16"] = Field(
         "mark", description="When the speed gate fails: 'fail' the run, 'mark' it not promotable, or 'promote_fp16' "
         "(promote the FP16 encoders instead of the FP8 ones).")

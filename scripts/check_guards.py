@@ -239,6 +239,9 @@ MUTANTS = [
     ("the temporary Prefect server logs to the console", "clip_fp8/cli.py",
      '            stdout=self.log.open("wb"), stderr=subprocess.STDOUT,\n', "",
      "tests/test_cli.py::test_the_temporary_servers_output_goes_to_its_log_and_a_failed_start_names_it"),
+    ("a bare `off` for promotion.smoke_check read as false", "clip_fp8/config.py",
+     '    _smoke_check_off = field_validator("smoke_check", mode="before")(lambda cls, value: yaml_off_is_off(value))\n',
+     "", "tests/test_units.py::test_every_setting_with_an_off_choice_takes_a_bare_off"),
 ]
 
 

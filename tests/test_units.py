@@ -378,3 +378,21 @@ def test_quantize_feeds_every_manifest_pair_in_batches_of_the_configured_size(tm
     assert pairs == 200
     assert quantized.meta["calibration_forward_rows"] == [64, 64, 64, 8]
     assert quantized.meta["calibration_samples"] == pairs
+
+
+def test_every_setting_with_an_off_choice_takes_a_bare_off():
+    """YAML reads a bare `off` as false: every Literal setting offering 'off' (found in the schema, not listed)
+    takes `--set section.field=off` as 'off'."""
+    import typing
+
+    from clip_fp8.config import PipelineConfig
+
+    found = []
+    for section, info in PipelineConfig.model_fields.items():
+        for name, field in info.annotation.model_fields.items():
+            if typing.get_origin(field.annotation) is typing.Literal and "off" in typing.get_args(field.annotation):
+                found.append(f"{section}.{name}")
+    assert {"quantization.recovery", "promotion.smoke_check"} <= set(found), found
+    for dotted in found:
+        section, name = dotted.split(".")
+        assert getattr(getattr(PipelineConfig().with_overrides([f"{dotted}=off"]), section), name) == "off", dotted
