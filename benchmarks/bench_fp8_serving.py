@@ -7,9 +7,14 @@ weight max-calibrated (E4M3, per tensor) and its input scale the max over calibr
 ``max`` algorithm sets it. Variants (``--variants``):
 
 - ``fp16``: the FP16 model, ``torch.compile`` ``reduce-overhead`` (CUDA graphs): the reference;
-- ``fp8``: torch-fp8 as ``clip_fp8.fp8_runtime.load`` serves it (compiled the same way);
-- ``fp8-qkv``: the same with Q, K and V in one GEMM (``fp8_runtime.fuse_qkv``);
-- ``fp8-qkv-autotune``: that, compiled with ``max-autotune`` (Inductor's Triton FP8 GEMM templates vs cuBLASLt).
+- ``fp8``: every Linear an ``FP8Linear``, Q, K and V separate;
+- ``fp8-qkv``: torch-fp8 as ``clip_fp8.fp8_runtime.load`` serves it (Q, K and V in one GEMM, ``fuse_qkv``);
+- ``fp8-qkv-div``: that, quantizing by a divide (the runtime before it held the reciprocal);
+
+each optionally with levers appended (``fp8-qkv-cdt-flash``), applied to FP16 alike for a like-for-like ratio
+(``fp16-cdt-flash``): ``autotune`` (Inductor ``max-autotune``: its Triton FP8 GEMM templates against cuBLASLt),
+``cdt`` (Inductor's coordinate-descent tuning of its pointwise and reduction kernels), ``flash`` / ``efficient``
+/ ``cudnn`` (the SDPA backend attention runs on).
 
 Timing: every variant of one case (tower, batch) is compiled and warmed, then timed in ``--rounds``
 interleaved rounds (the variant order rotates each round); a round is a block of CUDA-graph replays
@@ -26,6 +31,7 @@ the fake-quant model (the same scales, simulated in FP32) on calibration-like in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import platform
@@ -34,15 +40,56 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.attention import sdpa_kernel
 from bench_encoders import VIT_L_14, build_model  # this folder is on sys.path when the script runs
 
 from clip_fp8.encoders import ImageEncoder, TextEncoder
 from clip_fp8.fp8_runtime import FP8, FP8_MAX, FP8Linear, fuse_qkv, gemm_fits, swap_in_fp8_linears
-from clip_fp8.timing import interleaved
+from clip_fp8.timing import compare, interleaved
 
 TOWERS = {"image": ImageEncoder, "text": TextEncoder}
-MODES = {"fp16": "reduce-overhead", "fp8": "reduce-overhead", "fp8-qkv": "reduce-overhead",
-         "fp8-qkv-autotune": "max-autotune"}
+BASES = ("fp8-qkv-div", "fp8-qkv", "fp16", "fp8")  # a variant is one of these, then levers: fp8-qkv-cdt-flash
+LEVERS = ("autotune", "cdt", "flash", "efficient", "cudnn")
+
+
+def parse_variant(name: str) -> tuple[str, tuple[str, ...]]:
+    base = next((b for b in BASES if name == b or name.startswith(b + "-") and
+                 all(t in LEVERS for t in name[len(b) + 1:].split("-"))), None)
+    if base is None:
+        raise SystemExit(f"variant '{name}': not a base ({', '.join(BASES)}) followed by levers ({', '.join(LEVERS)})")
+    return base, tuple(name[len(base) + 1:].split("-")) if name != base else ()
+
+
+def compile_options(levers) -> dict:
+    # reduce-overhead is {"triton.cudagraphs": True}; max-autotune adds max_autotune and coordinate-descent tuning.
+    return {"triton.cudagraphs": True, "max_autotune": "autotune" in levers,
+            "coordinate_descent_tuning": "autotune" in levers or "cdt" in levers}
+
+
+def sdpa_backend(levers):
+    from torch.nn.attention import SDPBackend
+
+    chosen = [lever for lever in levers if lever in ("flash", "efficient", "cudnn")]
+    return {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION}[chosen[0]] if chosen else None
+
+
+def matched_reference(name: str, variants) -> str:
+    """The FP16 variant with the same levers (``fp16-cdt`` for ``fp8-qkv-cdt``) if timed, else plain ``fp16``."""
+    levers = parse_variant(name)[1]
+    twin = "-".join(("fp16", *levers))
+    return twin if twin in variants else "fp16"
+
+
+class DivFP8Linear(FP8Linear):
+    """The quantization as the runtime first wrote it: ``x / s_x`` per element (now ``x * (1 / s_x)``)."""
+
+    def forward(self, x):
+        lead = x.shape[:-1]
+        x8 = (x.reshape(-1, self.in_features) / self.input_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        y = torch._scaled_mm(x8, self.weight.t(), scale_a=self.input_scale, scale_b=self.weight_scale,
+                             bias=self.bias, out_dtype=x.dtype, use_fast_accum=True)
+        return y.reshape(*lead, self.out_features)
 
 
 def inputs(tower: str, batch: int, seed: int) -> torch.Tensor:
@@ -172,15 +219,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--variants", default="fp16,fp8,fp8-qkv")
+    parser.add_argument("--served", default="fp8-qkv", help="the variant that is FP8 as the runtime serves it")
     parser.add_argument("--towers", default="image,text")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--block-ms", type=float, default=150.0)
     parser.add_argument("--calibration-batches", type=int, default=8)
     parser.add_argument("--profile", action="store_true", help="kernel breakdown at batch 1 and 128")
+    parser.add_argument("--budget-s", type=float, default=0, help="start no new case after this many seconds (0: none)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     variants = args.variants.split(",")
-    assert variants[0] == "fp16", "fp16 is the reference and comes first"
+    parsed = {v: parse_variant(v) for v in variants}
+    if variants[0] != "fp16" or args.served not in variants:
+        raise SystemExit(f"--variants must start with fp16 and hold --served ({args.served}): {args.variants}")
 
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = True  # PyTorch's default, stated
     # One compiled frame per variant and batch size: past dynamo's default limit (8) it silently runs eagerly.
@@ -188,74 +239,96 @@ def main() -> int:
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "transformers": __import__("transformers").__version__, "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv, "rounds": args.rounds,
-            "block_ms": args.block_ms}
+            "block_ms": args.block_ms, "served": args.served}
     t0 = time.perf_counter()
     fp16 = build_model("cuda", torch.float16)
     fp8 = to_fp8(fp16, calibrate(fp16, args.calibration_batches))
     models = {"fp16": fp16, "fp8": fp8}
-    if any(v.startswith("fp8-qkv") for v in variants):
+    if any(base.startswith("fp8-qkv") for base, _ in parsed.values()):
         models["fp8-qkv"] = copy.deepcopy(fp8)
         meta["qkv_fused_attentions"] = fuse_qkv(models["fp8-qkv"])
-        models["fp8-qkv-autotune"] = models["fp8-qkv"]
+        models["fp8-qkv-div"] = copy.deepcopy(models["fp8-qkv"])
+        for module in models["fp8-qkv-div"].modules():
+            if isinstance(module, FP8Linear):
+                module.__class__ = DivFP8Linear
     reference = fake_quant(fp8)
-    numerics = {v: {t: min_cosine(models[v], reference, t) for t in TOWERS} for v in variants if v != "fp16"}
-    numerics["fp16"] = {t: min_cosine(fp16, reference, t) for t in TOWERS}
+    numerics = {v: {t: min_cosine(models[parsed[v][0]], reference, t) for t in TOWERS}
+                for v in dict.fromkeys(b for b, _ in parsed.values())}
     del reference
     torch.cuda.empty_cache()
     meta["setup_s"] = round(time.perf_counter() - t0, 1)
     print("min cosine vs fake-quant:", json.dumps(numerics), flush=True)
 
-    rows, profiles, compile_s = [], {}, {}
+    rows, profiles, compile_s, skipped, failed = [], {}, {}, [], {}
+    result = {"meta": meta, "numerics_min_cosine_vs_fakequant": numerics, "rows": rows, "profiles": profiles,
+              "compile_s": compile_s, "skipped": skipped, "failed": failed}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for tower in args.towers.split(","):
-        compiled = {v: torch.compile(TOWERS[tower](models[v]), mode=MODES[v], dynamic=False) for v in variants}
+        compiled = {v: torch.compile(TOWERS[tower](models[base]), dynamic=False, options=compile_options(levers))
+                    for v, (base, levers) in parsed.items()}
         for batch in args.batch_sizes:
+            if args.budget_s and time.perf_counter() - t0 > args.budget_s:
+                skipped.append(f"{tower}/{batch}")
+                continue
             x = inputs(tower, batch, 7)
             runs = {}
             for v in variants:
-                started = time.perf_counter()
-                with torch.inference_mode():
-                    for _ in range(3):  # compile, record the CUDA graph, replay
-                        compiled[v](x)
-                torch.cuda.synchronize()
-                compile_s[f"{tower}/{batch}/{v}"] = round(time.perf_counter() - started, 1)
+                backend = sdpa_backend(parsed[v][1])
 
-                def run(v=v):
-                    with torch.inference_mode():
+                def run(v=v, backend=backend):
+                    with torch.inference_mode(), (sdpa_kernel([backend]) if backend else contextlib.nullcontext()):
                         compiled[v](x)
+                started = time.perf_counter()
+                try:
+                    for _ in range(3):  # compile, record the CUDA graph, replay
+                        run()
+                    torch.cuda.synchronize()
+                except Exception as exc:  # e.g. an SDPA backend that does not take this tower's mask
+                    failed[f"{tower}/{batch}/{v}"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+                    print(f"{tower} b{batch} {v}: {failed[f'{tower}/{batch}/{v}']}", flush=True)
+                    continue
+                compile_s[f"{tower}/{batch}/{v}"] = round(time.perf_counter() - started, 1)
                 runs[v] = run
+            if "fp16" not in runs or args.served not in runs:
+                continue
             timed = interleaved(runs, rounds=args.rounds, block_target_ms=args.block_ms)
             stats = timed["forms"]
+            like_for_like = {v: matched_reference(v, list(runs)) for v in list(runs)[1:]}
             row = {"tower": tower, "batch": batch, "fp16_ms": stats["fp16"]["median_ms"], "variants": stats,
-                   "speedup": timed["versus"]}
-            # As served: the final FP8 form (the last variant) where it wins in every round, else FP16.
-            final = variants[-1]
-            served_by = "fp8" if row["speedup"][final]["verdict"] == "win" else "fp16"
-            row.update(fp8_ms=stats[final]["median_ms"], fp8_form=final, served_by=served_by,
-                       served_ms=stats[final if served_by == "fp8" else "fp16"]["median_ms"],
-                       served_speedup=stats["fp16"]["median_ms"] / stats[final if served_by == "fp8" else "fp16"]["median_ms"],
-                       spread={v: stats[v]["spread"] for v in variants})
+                   "speedup": timed["versus"],
+                   "speedup_like_for_like": {v: {"reference": r, **compare(stats, r, v)} for v, r in like_for_like.items()
+                                             if parsed[v][0] != "fp16"}}
+            # As served: the runtime's FP8 form where it beats FP16 compiled (with the same levers) in every round.
+            served, reference_form = args.served, like_for_like[args.served]
+            versus = compare(stats, reference_form, served)
+            served_by = "fp8" if versus["verdict"] == "win" else "fp16"
+            served_ms = stats[served if served_by == "fp8" else reference_form]["median_ms"]
+            row.update(fp16_reference=reference_form, fp8_form=served, fp8_ms=stats[served]["median_ms"],
+                       served_by=served_by, served_ms=served_ms,
+                       served_speedup=stats[reference_form]["median_ms"] / served_ms, served_verdict=versus["verdict"],
+                       spread={v: stats[v]["spread"] for v in stats})
             rows.append(row)
             print(f"{tower:5s} b{batch:<4d} " + "  ".join(
-                f"{v} {stats[v]['median_ms']:.3f}ms±{stats[v]['spread']:.1%}" for v in variants) + "  " + "  ".join(
-                f"{v}: {s['median']:.2f}x [{s['min']:.2f}-{s['max']:.2f}] {s['verdict']}" for v, s in row["speedup"].items()),
-                flush=True)
+                f"{v} {stats[v]['median_ms']:.3f}ms±{stats[v]['spread']:.1%}" for v in stats) + "  " + "  ".join(
+                f"{v}/{s['reference']}: {s['median']:.2f}x [{s['min']:.2f}-{s['max']:.2f}] {s['verdict']}"
+                for v, s in row["speedup_like_for_like"].items()), flush=True)
             if args.profile and batch in (1, 128):
-                for v in variants:
+                for v in runs:
                     profiles[f"{tower}/{batch}/{v}"] = profile(runs[v])
+            args.out.write_text(json.dumps(result, indent=1))  # after every case: a cut-off run keeps what it timed
         del compiled
         torch._dynamo.reset()
 
-    result = {"meta": meta, "numerics_min_cosine_vs_fakequant": numerics, "rows": rows, "profiles": profiles,
-              "compile_s": compile_s}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    print("\n| tower | batch | " + " | ".join(f"{v} ms" for v in variants) + " | " +
-          " | ".join(f"{v} / fp16" for v in variants[1:]) + " |")
-    print("|---|---:|" + "---:|" * (2 * len(variants) - 1))
-    for row in rows:
+    for row in rows:  # one table line per case: its forms' medians (spread), then FP8 over its like-for-like FP16
         s = row["variants"]
-        print(f"| {row['tower']} | {row['batch']} | " + " | ".join(f"{s[v]['median_ms']:.3f} (±{s[v]['spread']:.0%})" for v in variants)
-              + " | " + " | ".join(f"{row['speedup'][v]['median']:.2f}x {row['speedup'][v]['verdict']}" for v in variants[1:]) + " |")
+        print(f"| {row['tower']} | {row['batch']} | " + " | ".join(f"{v} {s[v]['median_ms']:.3f} (±{s[v]['spread']:.0%})" for v in s)
+              + " | " + " | ".join(f"{v}/{c['reference']} {c['median']:.2f}x {c['verdict']}"
+                                   for v, c in row["speedup_like_for_like"].items()) + f" | served by {row['served_by']} |")
+    if failed:
+        print("failed:", json.dumps(failed, indent=1))
+    if skipped:
+        print("not timed (--budget-s):", ", ".join(skipped))
     if profiles:
         print("\n| case | us/call | kernels | " + " | ".join(CATEGORIES) + " |")
         for case, p in profiles.items():

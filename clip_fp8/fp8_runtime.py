@@ -67,7 +67,9 @@ class FP8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x8 = (x.reshape(-1, self.in_features) / self.input_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        # A multiply by 1 / s_x, not a divide per element: the divide made the fused GELU-and-quantize kernel the
+        # slowest non-GEMM kernel of the FP8 towers (docs/benchmarks.md, issue 24).
+        x8 = (x.reshape(-1, self.in_features) * self.input_scale.reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(FP8)
         if x.is_cuda:
             # The bias goes into cuBLASLt's epilogue. Fast accumulation (no periodic promotion of Hopper's FP8
             # tensor-core partial sums) is what Transformer Engine uses for forward GEMMs: inference only.

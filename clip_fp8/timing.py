@@ -97,11 +97,13 @@ def interleaved(launches: dict[str, Callable[[], None]], rounds: int = 7, block_
         for name in names[r % len(names):] + names[:r % len(names)]:
             per_round[name].append(block_ms(launches[name], iterations[name]))
     forms = {n: {"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t),
-                 "spread": (max(t) - min(t)) / statistics.median(t), "rounds_ms": [round(x, 4) for x in t]}
+                 "spread": (max(t) - min(t)) / statistics.median(t), "rounds_ms": list(t)}
              for n, t in per_round.items()}
-    versus = {}
-    for name in names[1:]:
-        ratios = [a / b for a, b in zip(per_round[names[0]], per_round[name])]
-        versus[name] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
-                        "verdict": verdict(ratios)}
-    return {"forms": forms, "versus": versus}
+    return {"forms": forms, "versus": {name: compare(forms, names[0], name) for name in names[1:]}}
+
+
+def compare(forms: dict, reference: str, candidate: str) -> dict:
+    """``candidate`` against ``reference`` round by round (``interleaved``'s ``forms``): the ratios' median, extremes
+    and ``verdict``. Rounds are paired because the forms ran in the same round, minutes of drift apart at most."""
+    ratios = [a / b for a, b in zip(forms[reference]["rounds_ms"], forms[candidate]["rounds_ms"])]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "verdict": verdict(ratios)}

@@ -242,6 +242,13 @@ MUTANTS = [
     ("a bare `off` for promotion.smoke_check read as false", "clip_fp8/config.py",
      '    _smoke_check_off = field_validator("smoke_check", mode="before")(lambda cls, value: yaml_off_is_off(value))\n',
      "", "tests/test_units.py::test_every_setting_with_an_off_choice_takes_a_bare_off"),
+    ("speedups compared unpaired (each form's rounds sorted)", "clip_fp8/timing.py",
+     '    ratios = [a / b for a, b in zip(forms[reference]["rounds_ms"], forms[candidate]["rounds_ms"])]',
+     '    ratios = [a / b for a, b in zip(sorted(forms[reference]["rounds_ms"]), sorted(forms[candidate]["rounds_ms"]))]',
+     "tests/test_units.py::test_a_speedup_is_a_win_or_a_loss_only_when_every_paired_round_says_so"),
+    ("a speedup called a win on its median", "clip_fp8/timing.py",
+     '    return "win" if min(ratios) > threshold else', '    return "win" if sorted(ratios)[len(ratios) // 2] > threshold else',
+     "tests/test_units.py::test_a_speedup_is_a_win_or_a_loss_only_when_every_paired_round_says_so"),
 ]
 
 

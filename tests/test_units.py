@@ -396,3 +396,22 @@ def test_every_setting_with_an_off_choice_takes_a_bare_off():
     for dotted in found:
         section, name = dotted.split(".")
         assert getattr(getattr(PipelineConfig().with_overrides([f"{dotted}=off"]), section), name) == "off", dotted
+
+
+def test_a_speedup_is_a_win_or_a_loss_only_when_every_paired_round_says_so():
+    """The verdicts the serving table and the speed gate act on, from recorded rounds (only GPUs produce real ones)."""
+    from clip_fp8.timing import compare
+
+    def forms(**rounds):
+        return {name: {"rounds_ms": list(ms)} for name, ms in rounds.items()}
+
+    # FP8 faster in every round, though one FP8 round is slower than another round's FP16: paired by round.
+    drift = forms(fp16=[1.00, 1.30, 1.02], fp8=[0.90, 1.05, 0.95])
+    assert compare(drift, "fp16", "fp8") == pytest.approx(
+        {"median": 1.00 / 0.90, "min": 1.02 / 0.95, "max": 1.30 / 1.05, "verdict": "win"})
+    assert compare(drift, "fp8", "fp16")["verdict"] == "loss"  # the same rounds, the other way round
+    # FP16's slow second round does not buy FP8 its slow third one: rounds are compared with their own round.
+    assert compare(forms(fp16=[1.00, 1.30, 1.02], fp8=[0.98, 0.99, 1.05]), "fp16", "fp8")["verdict"] == "tie"
+    # One round against: a tie, however good the median.
+    assert compare(forms(fp16=[1.0, 1.0, 1.0], fp8=[0.5, 0.5, 1.01]), "fp16", "fp8")["verdict"] == "tie"
+    assert compare(forms(fp16=[1.0, 1.0], fp8=[1.0, 0.9]), "fp16", "fp8")["verdict"] == "tie"  # equal is not faster
