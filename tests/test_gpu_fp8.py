@@ -129,3 +129,25 @@ def test_the_loaded_runtime_serves_each_size_by_the_form_its_table_names_and_the
         batch = encode(x).float()  # batch 8
         singles = torch.cat([encode(x[i:i + 1]).float() for i in range(8)])  # batch 1: the other form
         assert cos(batch, singles).min() >= 0.99
+
+
+def test_the_benchmark_stages_serving_table_serves_each_size_by_its_verdict_and_the_runtime_follows_it(tmp_path):
+    """``serving_table`` on a real artifact: every tower and size timed, FP8 serving exactly where it won every
+    round, and ``load`` with the written ``serving.json`` dispatching as the table says."""
+    from clip_fp8.config import ModelConfig
+    from clip_fp8.fp8_runtime import SERVING, load
+    from clip_fp8.tasks.benchmark import serving_table
+
+    model_source, *_, artifact = torch_fp8_artifact("embedded:tiny-clip-shapes", tmp_path)
+    table = serving_table(model_source.path, ModelConfig(), artifact, [1, 8], rounds=3)
+    assert table["gpu"] == torch.cuda.get_device_name() and set(table["towers"]) == {"image", "text"}
+    for tower, sizes in table["towers"].items():
+        assert set(sizes) == {"1", "8"}
+        for entry in sizes.values():
+            assert entry["served_by"] == ("fp8" if entry["verdict"] == "win" else "fp16")
+            assert entry["served_ms"] == entry[f"{entry['served_by']}_ms"] > 0
+            assert entry["speedup_min"] <= entry["speedup"] <= entry["speedup_max"]
+    (tmp_path / SERVING).write_text(json.dumps({"gpus": {table["gpu"]: table["towers"]}}))
+    clip = load(artifact.local_dir(), device="cuda", batch_sizes=(1, 8), dispatch=tmp_path / SERVING, compile=False)
+    assert {(t, b): clip.served_by(t, b) for t in ("image", "text") for b in (1, 8)} == {
+        (t, b): table["towers"][t][str(b)]["served_by"] for t in ("image", "text") for b in (1, 8)}

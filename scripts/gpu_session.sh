@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One lent-GPU call, in parts (the device tool's call limit is 10 minutes; each part has its own budget and
+# leaves its output under $OUT even when cut off). Run from the repository root on the GPU host:
+#
+#   bash scripts/gpu_session.sh probe levers tests     # kernel probe, batch-128 levers, the GPU tests
+#   bash scripts/gpu_session.sh serving serving        # the FP8-as-served benchmark, twice
+#
+# The GPU hosts have torch, transformers and onnx; ModelOpt, pydantic and the rest come from wheels carried in
+# .whl/a (see docs/testing.md, "GPU tests").
+set -u
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+export PYTHONPATH=.
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv | tee -a "$OUT/smi.txt"
+python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+run=0
+for part in "$@"; do
+  run=$((run + 1))
+  case $part in
+    probe)
+      timeout 150 python benchmarks/probe_fp8_kernels.py --out "$OUT/kernels.json" > "$OUT/probe.log" 2>&1
+      echo "probe rc $?"; grep -v -i warn "$OUT/probe.log" | tail -40 ;;
+    levers)
+      timeout 270 python benchmarks/bench_fp8_serving.py --batch-sizes 128 --rounds 5 --budget-s 220 --profile \
+        --variants fp16,fp8-qkv-div,fp8-qkv,fp16-flash,fp8-qkv-flash,fp16-cdt,fp8-qkv-cdt \
+        --out "$OUT/levers.json" > "$OUT/levers.log" 2>&1
+      echo "levers rc $?"; grep -v -i warn "$OUT/levers.log" | grep -v "^min cosine" | tail -8 ;;
+    serving)
+      timeout 280 python benchmarks/bench_fp8_serving.py ${SERVING_ARGS:-} --out "$OUT/serving-$run.json" \
+        > "$OUT/serving-$run.log" 2>&1
+      echo "serving rc $?"; grep -v -i warn "$OUT/serving-$run.log" | tail -12 ;;
+    tests)
+      if ! python -c "import modelopt" 2>/dev/null; then
+        pip install -q --no-index --no-deps .whl/a/*.whl && pip install -q --no-deps --no-build-isolation -e . \
+          > "$OUT/install.log" 2>&1 || { echo "install failed"; tail -5 "$OUT/install.log"; }
+      fi
+      timeout "${TESTS_TIMEOUT:-240}" python -m pytest -m gpu -p no:cacheprovider -q --durations=10 \
+        "tests/test_gpu_fp8.py::test_the_loaded_runtime_serves_each_size_by_the_form_its_table_names_and_the_forms_agree" \
+        "tests/test_gpu_fp8.py::test_the_benchmark_stages_serving_table_serves_each_size_by_its_verdict_and_the_runtime_follows_it" \
+        tests/test_gpu_benchmark.py \
+        tests/test_gpu_fp8.py::test_torch_fp8_loads_runs_compiled_matches_fakequant_and_holds_fp8_weights \
+        > "$OUT/tests.log" 2>&1
+      echo "tests rc $?"; grep -E "passed|failed|Error|error|^E " "$OUT/tests.log" | tail -15 ;;
+    *) echo "unknown part: $part"; exit 2 ;;
+  esac
+done
