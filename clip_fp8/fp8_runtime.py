@@ -75,9 +75,13 @@ class FP8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        # A multiply by 1 / s_x, not a divide per element: the divide made the fused GELU-and-quantize kernel the
-        # slowest non-GEMM kernel of the FP8 towers (docs/benchmarks.md, issue 24).
-        x8 = (x.reshape(-1, self.in_features) * self.input_scale.reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        # A multiply by 1 / s_x, not a divide per element (docs/benchmarks.md, issue 24: the fused GELU kernel).
+        x = x.reshape(-1, self.in_features) * self.input_scale.reciprocal()
+        if not (x.is_cuda and torch.compiler.is_compiling()):
+            # Compiled for a GPU, the cast is PTX's cvt...satfinite (mandatory for FP8): it saturates to +-448 by
+            # itself, and the clamp cost a fifth of the GELU kernel's time. Eager casts gave NaN in older torch.
+            x = x.clamp(-FP8_MAX, FP8_MAX)
+        x8 = x.to(FP8)
         if x.is_cuda:
             # The bias goes into cuBLASLt's epilogue. Fast accumulation (no periodic promotion of Hopper's FP8
             # tensor-core partial sums) is what Transformer Engine uses for forward GEMMs: inference only.

@@ -151,3 +151,21 @@ def test_the_benchmark_stages_serving_table_serves_each_size_by_its_verdict_and_
     clip = load(artifact.local_dir(), device="cuda", batch_sizes=(1, 8), dispatch=tmp_path / SERVING, compile=False)
     assert {(t, b): clip.served_by(t, b) for t in ("image", "text") for b in (1, 8)} == {
         (t, b): table["towers"][t][str(b)]["served_by"] for t in ("image", "text") for b in (1, 8)}
+
+
+def test_compiled_fp8_linear_saturates_an_overflowing_input_as_the_eager_clamp_does():
+    """Compiled for the GPU, FP8Linear leaves out the clamp (E4M3's PTX conversion saturates): inputs far past the
+    calibrated range give the eager, clamped result, bit for bit, and nothing non-finite."""
+    from clip_fp8.fp8_runtime import FP8, FP8_MAX, FP8Linear
+
+    layer = FP8Linear(256, 128, True, torch.float16, device="cuda")
+    with torch.no_grad():
+        layer.weight.copy_((torch.randn(128, 256, device="cuda") * 100).clamp(-FP8_MAX, FP8_MAX).to(FP8))
+        layer.bias.normal_()
+        layer.weight_scale.fill_(0.01)
+        layer.input_scale.fill_(0.02)  # calibrated |x| <= ~9: the inputs below reach 100 times that
+    x = torch.randn(64, 256, device="cuda", dtype=torch.float16) * 300
+    with torch.inference_mode():
+        eager = layer(x)
+        compiled = torch.compile(layer, dynamic=False)(x)
+    assert torch.isfinite(eager).all() and torch.equal(compiled, eager)

@@ -415,3 +415,4 @@ def test_a_speedup_is_a_win_or_a_loss_only_when_every_paired_round_says_so():
     # One round against: a tie, however good the median.
     assert compare(forms(fp16=[1.0, 1.0, 1.0], fp8=[0.5, 0.5, 1.01]), "fp16", "fp8")["verdict"] == "tie"
     assert compare(forms(fp16=[1.0, 1.0], fp8=[1.0, 0.9]), "fp16", "fp8")["verdict"] == "tie"  # equal is not faster
+
