@@ -306,8 +306,11 @@ def load(path: str | Path, device: str = "cuda", dtype: torch.dtype = torch.floa
         raise RuntimeError(f"torch-fp8 cannot run on {device}: {why_not}")
     config = CLIPConfig.from_pretrained(str(path))
     config._attn_implementation = "sdpa"
-    with clip_model_construction(), torch.device(device):
+    # Built on the meta device: no random initialisation to overwrite, and no use of the CUDA generator, which a
+    # failed CUDA-graph capture earlier in the process leaves unusable ("Offset increment outside graph capture").
+    with clip_model_construction(), torch.device("meta"):
         model = CLIPModel(config).to(dtype)
+    model = model.to_empty(device=device)
     swap_in_fp8_linears(model, layout["fp8_linears"], dtype, device)
     state = load_file(str(path / WEIGHTS), device=device)
     state = {k: (v.to(dtype) if v.is_floating_point() and v.dtype not in (FP8, torch.float32) else v)
@@ -316,6 +319,11 @@ def load(path: str | Path, device: str = "cuda", dtype: torch.dtype = torch.floa
     persistent = {k for k, _ in model.state_dict().items()}
     if unexpected or [k for k in missing if k in persistent and not k.endswith("position_ids")]:
         raise ValueError(f"{path / WEIGHTS} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, buffer in model.named_buffers():  # what no file holds: CLIP's position ids, 0 .. n-1
+        if name not in persistent or name in missing:
+            if not name.endswith("position_ids"):
+                raise ValueError(f"{name}: a buffer torch-fp8 does not know how to rebuild (transformers changed?)")
+            buffer.copy_(torch.arange(buffer.shape[-1], device=buffer.device).expand_as(buffer))
     if fuse:
         fuse_qkv(model)
     compile = device.startswith("cuda") if compile is None else compile

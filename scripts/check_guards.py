@@ -249,6 +249,10 @@ MUTANTS = [
     ("a speedup called a win on its median", "clip_fp8/timing.py",
      '    return "win" if min(ratios) > threshold else', '    return "win" if sorted(ratios)[len(ratios) // 2] > threshold else',
      "tests/test_units.py::test_a_speedup_is_a_win_or_a_loss_only_when_every_paired_round_says_so"),
+    ("torch-fp8 built on meta leaves CLIP's position ids unset", "clip_fp8/fp8_runtime.py",
+     "            buffer.copy_(torch.arange(buffer.shape[-1], device=buffer.device).expand_as(buffer))",
+     "            buffer.fill_(0)",
+     "tests/test_pipeline_e2e.py::test_torch_fp8_artifact_holds_fp8_weights_and_matches_fakequant"),
 ]
 
 

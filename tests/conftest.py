@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
@@ -36,3 +37,9 @@ def fast_config(tmp_path):
         "calibration.num_samples=256", "calibration.batch_size=128",
         "evaluation.num_samples=200", "evaluation.batch_size=100",
     ])
+
+
+def sigint_as_ctrl_c() -> None:
+    """``preexec_fn`` for a process a test will send SIGINT: a runner started in the background (``cmd &`` in a
+    script, ``nohup``) hands its children SIGINT ignored, and such a child would never see the Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

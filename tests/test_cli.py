@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import sigint_as_ctrl_c
 
 CLI = [sys.executable, "-m", "clip_fp8.cli"]
 # Small counts, the embedded model otherwise: quantize still takes several seconds (a window for Ctrl-C).
@@ -83,7 +84,8 @@ def test_ctrl_c_stops_within_seconds_leaves_nothing_and_the_same_command_resumes
     scratch.mkdir()
     env = {**os.environ, "TMPDIR": str(scratch)}
     args = [*CLI, "run", "-o", str(root), *SMALL]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=sigint_as_ctrl_c)
     deadline = time.time() + 300
     # quantize is executing once its private staging directory exists (it publishes by renaming it).
     while time.time() < deadline and not list((root / "store").glob("quantize/.tmp-*")):

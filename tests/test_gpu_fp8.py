@@ -155,7 +155,8 @@ def test_the_benchmark_stages_serving_table_serves_each_size_by_its_verdict_and_
 
 def test_compiled_fp8_linear_saturates_an_overflowing_input_as_the_eager_clamp_does():
     """Compiled for the GPU, FP8Linear leaves out the clamp (E4M3's PTX conversion saturates): inputs far past the
-    calibrated range give the eager, clamped result, bit for bit, and nothing non-finite."""
+    calibrated range give the eager, clamped result, and nothing non-finite. Not bit for bit: eagerly ``x / s_x`` is
+    rounded to FP16 before the cast, compiled it stays FP32 (an FP8 step apart on a few elements)."""
     from clip_fp8.fp8_runtime import FP8, FP8_MAX, FP8Linear
 
     layer = FP8Linear(256, 128, True, torch.float16, device="cuda")
@@ -168,4 +169,9 @@ def test_compiled_fp8_linear_saturates_an_overflowing_input_as_the_eager_clamp_d
     with torch.inference_mode():
         eager = layer(x)
         compiled = torch.compile(layer, dynamic=False)(x)
-    assert torch.isfinite(eager).all() and torch.equal(compiled, eager)
+    assert torch.isfinite(eager).all() and torch.isfinite(compiled).all()
+    assert torch.nn.functional.cosine_similarity(compiled.float(), eager.float()).min() > 0.999
+    # Saturated, not wrapped or zeroed: the same as feeding the compiled layer inputs clamped to the range.
+    inside = x.clamp(-FP8_MAX * 0.02, FP8_MAX * 0.02)
+    with torch.inference_mode():
+        assert torch.equal(compiled, torch.compile(layer, dynamic=False)(inside))

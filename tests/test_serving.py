@@ -18,6 +18,7 @@ import pytest
 
 from clip_fp8.triton_repository import LATEST, RAW_MODEL, SMOKE_MIN_COSINE, PromotionError, activate, write_version
 from clip_fp8.triton_server import bytes_inputs
+from conftest import sigint_as_ctrl_c
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "clip_fp8.cli"]
@@ -82,7 +83,8 @@ def served(promoted):
     """``clip-fp8 serve`` on the promoted repository, on free ports; the endpoints read from what it prints."""
     _, _, repository = promoted
     process = subprocess.Popen([*CLI, "serve", str(repository), "--http-port", "0", "--grpc-port", "0",
-                                "--metrics-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                "--metrics-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=sigint_as_ctrl_c)
     lines = []
     for line in process.stdout:
         lines.append(line)
@@ -187,8 +189,8 @@ def test_ctrl_c_stops_the_server_within_10_s_leaving_no_process(promoted, served
     process, _, http_url, _ = served
     started = time.time()
     process.send_signal(signal.SIGINT)
-    rest = process.stdout.read()
-    assert process.wait(timeout=15) == 130, rest
+    rest, _ = process.communicate(timeout=15)
+    assert process.returncode == 130, rest
     assert time.time() - started < 10
     assert "stopped tritonserver" in rest
     left = subprocess.run(["pgrep", "-f", "--", f"--model-repository={repository}"], capture_output=True, text=True)
