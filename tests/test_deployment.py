@@ -68,13 +68,19 @@ def server(tmp_path_factory):
         _stop(proc)
 
 
+# Three heartbeats (30 s apart, Prefect's minimum): a live run on a busy CI host is never taken for a dead one.
+CRASH_AFTER_S = 90
+# Every deploy onto the module's pool, with the same schedule and crash bounds: a deploy replaces the automations,
+# and one with the defaults would leave the crashed-run test waiting 300 s for its crash.
+DEPLOY = [str(BIN / "clip-fp8"), "deploy", "--work-pool", "test-pool", "--nightly-cron", "30 3 * * *",
+          "--timezone", "Europe/Berlin", "--crash-after", str(CRASH_AFTER_S), "--crash-retries", "1"]
+
+
 @pytest.fixture(scope="module")
 def deployed(server):
     # Idempotent: the build-matrix and alert tests deploy again onto the same pool and deployments.
-    out = subprocess.run([str(BIN / "clip-fp8"), "deploy", "--work-pool", "test-pool", "--nightly-cron", "30 3 * * *",
-                          "--timezone", "Europe/Berlin", "--gpu-name", "NVIDIA H100 80GB HBM3",
-                          "--crash-after", str(CRASH_AFTER_S), "--crash-retries", "1"],
-                         env=server["env"], capture_output=True, text=True, timeout=300, cwd=server["home"])
+    out = subprocess.run([*DEPLOY, "--gpu-name", "NVIDIA H100 80GB HBM3"], env=server["env"], capture_output=True,
+                         text=True, timeout=300, cwd=server["home"])
     assert out.returncode == 0, out.stderr[-3000:]
     log = open(server["home"] / "worker.log", "w")
     worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "test-pool", "--type", "process"],
@@ -84,10 +90,6 @@ def deployed(server):
     yield server
     for worker in server["workers"]:
         _stop(worker)
-
-
-# Three heartbeats (30 s apart, Prefect's minimum): a live run on a busy CI host is never taken for a dead one.
-CRASH_AFTER_S = 90
 
 
 def _api(server, coro_fn):
@@ -104,11 +106,14 @@ def _api(server, coro_fn):
         return asyncio.run(call())
 
 
-def _wait_for_run(server, flow_run_id, timeout: float = 600):
-    deadline = time.time() + timeout
+def _wait_for_run(server, flow_run_id, timeout: float = 600, crash_grace: float = 0):
+    """The run once final; a Crashed one only after ``crash_grace`` s in that state (recovery may schedule it again)."""
+    deadline, crashed_since = time.time() + timeout, None
     while time.time() < deadline:
         run = _api(server, lambda c: c.read_flow_run(flow_run_id))
-        if run.state and run.state.is_final():
+        crashed = run.state is not None and run.state.is_crashed()
+        crashed_since = (crashed_since or time.time()) if crashed else None
+        if run.state and run.state.is_final() and (not crashed or time.time() - crashed_since >= crash_grace):
             return run
         time.sleep(1)
     raise TimeoutError(f"flow run {flow_run_id} did not finish")
@@ -332,8 +337,7 @@ def test_regression_alert_automation_is_created_from_the_shipped_definition(depl
     with temporary_settings(updates={PREFECT_API_URL: deployed["env"]["PREFECT_API_URL"]}):
         block_id = CustomWebhookNotificationBlock(name="clip-fp8 alerts", url="http://127.0.0.1:9/hook").save(
             "clip-fp8-alerts", overwrite=True)
-    args = [str(BIN / "clip-fp8"), "deploy", "--work-pool", "test-pool", "--nightly-cron", "30 3 * * *",
-            "--timezone", "Europe/Berlin", "--notify-block", "clip-fp8-alerts"]
+    args = [*DEPLOY, "--notify-block", "clip-fp8-alerts"]
     for _ in range(2):  # idempotent: the automation is replaced, not duplicated
         out = subprocess.run(args, env=deployed["env"], capture_output=True, text=True, timeout=300, cwd=deployed["home"])
         assert out.returncode == 0, out.stderr[-3000:]
@@ -360,8 +364,7 @@ def test_a_models_file_gives_one_run_per_model_and_one_table(deployed, tmp_path)
         {"name": "tiny", "source": "embedded:tiny-clip-shapes"},
         {"name": "outlier", "source": str(second), "overrides": ["evaluation.on_gate_failure=mark"]},
         {"name": "broken", "source": str(missing)}]}))
-    args = [str(BIN / "clip-fp8"), "deploy", "--work-pool", "test-pool", "--nightly-cron", "30 3 * * *",
-            "--timezone", "Europe/Berlin", "--models"]
+    args = [*DEPLOY, "--models"]
     out = subprocess.run([*args, str(models)], env=deployed["env"], capture_output=True, text=True, timeout=300,
                          cwd=deployed["home"])
     assert out.returncode == 0, out.stderr[-3000:]
@@ -419,9 +422,7 @@ def test_build_matrix_builds_on_each_gpu_pool_and_reports_a_missing_one_pending(
         with pytest.raises(PipelineInputError, match=r"no deployment 'clip-fp8-engines/gpu-a' for GPU type 'GPU A'.*"
                                                      r"create it with `clip-fp8 deploy --target 'GPU A=pool-a'`"):
             check_targets(config.build)
-    args = [str(BIN / "clip-fp8"), "deploy", "--work-pool", "test-pool", "--nightly-cron", "30 3 * * *",
-            "--timezone", "Europe/Berlin"]
-    out = subprocess.run([*args, *(a for t in targets for a in ("--target", t))], env=deployed["env"],
+    out = subprocess.run([*DEPLOY, *(a for t in targets for a in ("--target", t))], env=deployed["env"],
                          capture_output=True, text=True, timeout=300, cwd=deployed["home"])
     assert out.returncode == 0, out.stderr[-3000:]
     workers = []
@@ -467,7 +468,7 @@ def test_build_matrix_builds_on_each_gpu_pool_and_reports_a_missing_one_pending(
         for worker in workers:
             _stop(worker)
         # The deployments the other tests run keep building where they run.
-        subprocess.run(args, env=deployed["env"], capture_output=True, timeout=300, cwd=deployed["home"], check=True)
+        subprocess.run(DEPLOY, env=deployed["env"], capture_output=True, timeout=300, cwd=deployed["home"], check=True)
 
 
 def _flow_run_processes(flow_run_id) -> list[int]:
@@ -514,7 +515,7 @@ def test_a_run_whose_worker_dies_mid_quantize_is_crashed_scheduled_again_and_com
         [str(BIN / "prefect"), "worker", "start", "--pool", "test-pool", "--type", "process"], env=deployed["env"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=deployed["home"]))
 
-    final = _wait_for_run(deployed, run.id, timeout=CRASH_AFTER_S + 420)
+    final = _wait_for_run(deployed, run.id, timeout=CRASH_AFTER_S + 420, crash_grace=60)
     history = [s.name for s in _api(deployed, lambda c: c.read_flow_run_states(run.id))]
     assert final.state.is_completed(), (history, (deployed["home"] / "worker-2.log").read_text()[-3000:])
     assert "Crashed" in history and history.index("Crashed") < len(history) - 1, history
