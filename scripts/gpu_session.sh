@@ -22,7 +22,7 @@ for part in "$@"; do
       echo "probe rc $?"; grep -v -i warn "$OUT/probe.log" | tail -40 ;;
     levers)
       timeout 270 python benchmarks/bench_fp8_serving.py --batch-sizes 128 --rounds 5 --budget-s 220 --profile \
-        --variants fp16,fp8-qkv-div,fp8-qkv,fp16-flash,fp8-qkv-flash,fp16-cdt,fp8-qkv-cdt \
+        --variants fp16,fp8-qkv-div,fp8-qkv,fp16-cdt,fp8-qkv-cdt \
         --out "$OUT/levers.json" > "$OUT/levers.log" 2>&1
       echo "levers rc $?"; grep -v -i warn "$OUT/levers.log" | grep -v "^min cosine" | tail -8 ;;
     serving)
