@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from clip_fp8.artifacts import REF_FILE
 from clip_fp8.config import PipelineConfig
 
 pytestmark = pytest.mark.slow
@@ -270,11 +271,13 @@ def test_killed_run_resumes_from_the_last_completed_stage(tmp_path):
     env = {**os.environ, "CLIP_FP8_LOCK_LEASE_S": "3"}
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
     deadline = time.time() + 300
-    while time.time() < deadline and not list((root / "store").glob("audit/[0-9a-f]*")):
+    # The audit is done once its ref is written: its directory appears (renamed into place) a moment before.
+    audited = f"audit/[0-9a-f]*/{REF_FILE}"
+    while time.time() < deadline and not list((root / "store").glob(audited)):
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # as an OOM killer or a lost node would
     proc.wait()
-    assert list((root / "store").glob("audit/[0-9a-f]*")), "the run never reached the audit"
+    assert list((root / "store").glob(audited)), "the run never finished the audit"
 
     from clip_fp8.flows.pipeline import clip_fp8_pipeline
 
