@@ -8,7 +8,11 @@ lose, or that neither needs to lose:
   (divide), multiplying by a precomputed reciprocal, without the clamp (E4M3's saturating conversion), the tanh
   GELU; each as bytes moved over time, against a plain copy (the bandwidth ceiling);
 - **attention**: SDPA's backends (cuDNN, FlashAttention-2, memory-efficient) on the towers' shapes, the text tower
-  with a causal flag and with the 4-D mask a causal mask can arrive as.
+  with a causal flag and with the 4-D mask a causal mask can arrive as;
+- **GEMM epilogue** (``--sections epilogue``): fc1, its bias, GELU and fc2's input quantization, FP8 and FP16, each
+  compiled as served (cuBLASLt, then one Triton kernel for GELU + quantize) and with Inductor's ``max-autotune``,
+  whose Triton GEMM templates can carry GELU and the quantization in their epilogue (no GELU pass over memory);
+  what it costs in compile time is recorded, and which kernels it chose.
 
 Each case's forms are timed in interleaved rounds (``clip_fp8.timing.interleaved``); the Triton source Inductor
 wrote for each activation form is saved beside the JSON.
@@ -122,9 +126,73 @@ def probe_attention(rounds: int) -> dict:
     return results
 
 
+# fc1 at batch 128: (rows, in features, out features).
+GEMMS = {"image": (128 * 257, 1024, 4096), "text": (128 * 77, 768, 3072)}
+
+
+def probe_gemm_epilogue(out_dir: Path, rounds: int) -> dict:
+    """fc1 + bias + GELU (+ fc2's input quantization), as served and with max-autotune, FP16 and FP8."""
+    import time
+
+    from torch._inductor.utils import run_and_get_code
+
+    results = {}
+    for tower, (rows, k, n) in GEMMS.items():
+        x16 = torch.randn(rows, k, device="cuda", dtype=torch.float16)
+        w16 = torch.randn(n, k, device="cuda", dtype=torch.float16) * k ** -0.5
+        bias = torch.randn(n, device="cuda", dtype=torch.float16) * 0.02
+        s_x = (x16.float().abs().amax() / FP8_MAX).reshape(())
+        s_w = (w16.float().abs().amax() / FP8_MAX).reshape(())
+        x8, w8 = (x16.float() / s_x).to(FP8), (w16.float() / s_w).to(FP8)
+        s_y = (F.gelu(F.linear(x16, w16, bias)).float().abs().amax() / FP8_MAX).reshape(())
+        r_y = 1.0 / s_y
+
+        def fp16(x16=x16, w16=w16, bias=bias):
+            return F.gelu(F.linear(x16, w16, bias))
+
+        def fp8(x8=x8, w8=w8, s_x=s_x, s_w=s_w, bias=bias, r_y=r_y):
+            y = torch._scaled_mm(x8, w8.t(), scale_a=s_x, scale_b=s_w, bias=bias, out_dtype=torch.float16,
+                                 use_fast_accum=True)
+            return (F.gelu(y) * r_y).to(FP8)
+
+        launches, compile_s, kernels, outputs = {}, {}, {}, {}
+        for name, fn in (("fp16", fp16), ("fp8", fp8)):
+            for tune in (False, True):
+                form = f"{name} {'max-autotune' if tune else 'as served'}"
+                torch._dynamo.reset()
+                compiled = torch.compile(fn, dynamic=False, options={"max_autotune": tune})
+                started = time.perf_counter()
+                out, code = run_and_get_code(compiled)
+                compile_s[form] = round(time.perf_counter() - started, 1)
+                source = "\n\n".join(code)
+                (out_dir / f"epilogue-{tower}-{form.replace(' ', '-')}.py").write_text(source)
+                # What ran: extern GEMM calls (cuBLAS) and the Triton kernels Inductor defined (tem: a GEMM template).
+                kernels[form] = sorted({line.split("(")[0].strip() for line in source.splitlines()
+                                        if "extern_kernels." in line and "(" in line} |
+                                       {line.split("=")[0].strip() for line in source.splitlines()
+                                        if line.startswith("triton_") and "async_compile" in line})
+                outputs[form] = out.float() * (s_y if name == "fp8" else 1)
+                launches[form] = compiled
+        timed = interleaved(launches, rounds=rounds, block_target_ms=60)
+        flops = 2 * rows * k * n
+        results[tower] = {form: {"median_us": round(st["median_ms"] * 1000, 1), "spread": round(st["spread"], 4),
+                                 "TFLOPS": round(flops / (st["median_ms"] * 1e-3) / 1e12, 1),
+                                 "compile_s": compile_s[form], "kernels": kernels[form]}
+                          for form, st in timed["forms"].items()}
+        for name in ("fp16", "fp8"):  # max-autotune changes no arithmetic that matters: its output against as served
+            a, b = outputs[f"{name} as served"], outputs[f"{name} max-autotune"]
+            results[tower][f"{name} max-autotune vs as served"] = {
+                "min_row_cosine": round(F.cosine_similarity(a, b).min().item(), 6)}
+        del x16, w16, x8, w8, launches, outputs
+        torch._dynamo.reset()
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--sections", default="attention,activation,activation-cdt",
+                        help="comma-separated: attention, activation, activation-cdt, epilogue")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     code_dir = args.out.parent / "inductor-kernels"
@@ -132,17 +200,17 @@ def main() -> int:
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     sections = {"attention": lambda: probe_attention(args.rounds),
                 "activation": lambda: probe_activations(code_dir, args.rounds, cdt=False),
-                "activation (coordinate descent tuning)": lambda: probe_activations(code_dir, args.rounds, cdt=True)}
-    for section, probe in sections.items():  # written after each: a cut-off run keeps what it measured
-        result[section] = probe()
+                "activation-cdt": lambda: probe_activations(code_dir, args.rounds, cdt=True),
+                "epilogue": lambda: probe_gemm_epilogue(code_dir, args.rounds)}
+    chosen = args.sections.split(",")
+    if unknown := [c for c in chosen if c not in sections]:
+        raise SystemExit(f"--sections: {', '.join(unknown)} not one of {', '.join(sections)}")
+    for section in chosen:  # written after each: a cut-off run keeps what it measured
+        result[section] = sections[section]()
         args.out.write_text(json.dumps(result, indent=1))
-    for section in list(sections)[1:]:
-        for tower, forms in result[section].items():
+        for case, forms in result[section].items():
             for name, s in forms.items():
-                print(f"{section[:14]:14s} {tower:5s} {name:28s} {s}")
-    for case, forms in result["attention"].items():
-        for name, s in forms.items():
-            print(f"attention {case:22s} {name:10s} {s}")
+                print(f"{section:14s} {case:22s} {name:32s} {s}", flush=True)
     return 0
 
 

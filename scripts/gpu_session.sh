@@ -4,6 +4,7 @@
 #
 #   bash scripts/gpu_session.sh probe levers tests     # kernel probe, batch-128 levers, the GPU tests
 #   bash scripts/gpu_session.sh serving serving        # the FP8-as-served benchmark, twice
+#   bash scripts/gpu_session.sh epilogue                # fc1 + GELU + quantize: cuBLASLt against max-autotune
 #
 # The GPU hosts have torch, transformers and onnx; ModelOpt, pydantic and the rest come from wheels carried in
 # .whl/a (see docs/testing.md, "GPU tests").
@@ -25,8 +26,12 @@ for part in "$@"; do
         --variants fp16,fp8-qkv-div,fp8-qkv,fp16-cdt,fp8-qkv-cdt \
         --out "$OUT/levers.json" > "$OUT/levers.log" 2>&1
       echo "levers rc $?"; grep -v -i warn "$OUT/levers.log" | grep -v "^min cosine" | tail -8 ;;
+    epilogue)
+      timeout "${EPILOGUE_TIMEOUT:-300}" python benchmarks/probe_fp8_kernels.py --sections epilogue \
+        --out "$OUT/epilogue.json" > "$OUT/epilogue.log" 2>&1
+      echo "epilogue rc $?"; grep -v -i warn "$OUT/epilogue.log" | grep "^epilogue" | cut -c1-400 ;;
     serving)
-      timeout 280 python benchmarks/bench_fp8_serving.py ${SERVING_ARGS:-} --out "$OUT/serving-$run.json" \
+      timeout "${SERVING_TIMEOUT:-280}" python benchmarks/bench_fp8_serving.py ${SERVING_ARGS:-} --out "$OUT/serving-$run.json" \
         > "$OUT/serving-$run.log" 2>&1
       echo "serving rc $?"; grep -v -i warn "$OUT/serving-$run.log" | tail -12 ;;
     tests)

@@ -66,6 +66,7 @@ def benchmark_pytorch(model_path: str, model_cfg, dims: dict[str, list[int]], cf
     import torch
 
     from clip_fp8.encoders import ImageEncoder, TextEncoder
+    from clip_fp8.fp8_runtime import compiled
     from clip_fp8.tasks.checkpoints import load_clip
 
     model = load_clip(model_path, model_cfg.model_copy(update={"device": "cuda", "dtype": "float16"}))
@@ -75,7 +76,7 @@ def benchmark_pytorch(model_path: str, model_cfg, dims: dict[str, list[int]], cf
             continue
         module = wrap(model).eval()
         for variant in cfg.pytorch_baselines:
-            runner = module if variant == "eager" else torch.compile(module, mode="reduce-overhead", dynamic=False)
+            runner = module if variant == "eager" else compiled(module)  # as torch-fp8 is compiled: like for like
             run = (lambda x, r=runner: r(x)) if variant == "eager" else (lambda x, r=runner: r(x).clone())
             rows += _time_encoder(f"pytorch-{variant}", encoder_name, run, dims[encoder_name],
                                   model.config.text_config.vocab_size, cfg, tower_bytes(model, encoder_name),
