@@ -183,9 +183,12 @@ def profile(run, calls: int = 10) -> dict:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start.record()
         for _ in range(calls):
             run()
+        stop.record()
         torch.cuda.synchronize()
     kernels: dict[str, list[float]] = {}
     for event in prof.events():
@@ -198,7 +201,9 @@ def profile(run, calls: int = 10) -> dict:
         entry["us"] += sum(times) / calls
         entry["kernels"] += len(times) / calls
     top = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:10]
+    # Kernel time against the wall time of the same calls: the difference is time with no kernel running.
     return {"per_call_us": round(sum(sum(t) for t in kernels.values()) / calls, 1),
+            "wall_us_per_call": round(start.elapsed_time(stop) * 1000 / calls, 1),
             "kernels_per_call": round(sum(len(t) for t in kernels.values()) / calls, 1),
             "categories": {c: {"us": round(v["us"], 1), "kernels": round(v["kernels"], 1)} for c, v in sorted(by_category.items())},
             "top": [{"kernel": n[:140], "category": category(n), "us_per_call": round(sum(t) / calls, 1),
@@ -279,7 +284,9 @@ def main() -> int:
                 runs[v] = run
             if "fp16" not in runs or args.served not in runs:
                 continue
+            print(f"{time.strftime('%H:%M:%S')} timing {tower} b{batch}", flush=True)  # to line up with a clock trace
             timed = interleaved(runs, rounds=args.rounds, block_target_ms=args.block_ms)
+            print(f"{time.strftime('%H:%M:%S')} timed", flush=True)
             stats = timed["forms"]
             like_for_like = {v: matched_reference(v, list(runs)) for v in list(runs)[1:]}
             row = {"tower": tower, "batch": batch, "fp16_ms": stats["fp16"]["median_ms"], "variants": stats,
@@ -301,6 +308,7 @@ def main() -> int:
                 f"{v}/{s['reference']}: {s['median']:.2f}x [{s['min']:.2f}-{s['max']:.2f}] {s['verdict']}"
                 for v, s in row["speedup_like_for_like"].items()), flush=True)
             if args.profile and batch in (1, 128):
+                print(f"{time.strftime('%H:%M:%S')} profiling {tower} b{batch}", flush=True)
                 for v in runs:
                     profiles[f"{tower}/{batch}/{v}"] = profile(runs[v])
             args.out.write_text(json.dumps(result, indent=1))  # after every case: a cut-off run keeps what it timed

@@ -14,6 +14,10 @@ mkdir -p "$OUT"
 export PYTHONPATH=.
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv | tee -a "$OUT/smi.txt"
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+if [ -n "${SMI_TRACE:-}" ]; then  # clocks, power and why the clocks are held down, every 100 ms, for the whole call
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,power.limit,temperature.gpu,clocks_event_reasons.active \
+    --format=csv -lms 100 > "$OUT/smi-trace.csv" 2>&1 &
+fi
 run=0
 for part in "$@"; do
   run=$((run + 1))
@@ -31,7 +35,8 @@ for part in "$@"; do
         --out "$OUT/epilogue.json" > "$OUT/epilogue.log" 2>&1
       echo "epilogue rc $?"; grep -v -i warn "$OUT/epilogue.log" | grep "^epilogue" | cut -c1-400 ;;
     serving)
-      timeout "${SERVING_TIMEOUT:-280}" python benchmarks/bench_fp8_serving.py ${SERVING_ARGS:-} --out "$OUT/serving-$run.json" \
+      args_var="SERVING_ARGS_$run"  # this part's own arguments (the N-th part of the call), else SERVING_ARGS
+      timeout "${SERVING_TIMEOUT:-280}" python benchmarks/bench_fp8_serving.py ${!args_var:-${SERVING_ARGS:-}} --out "$OUT/serving-$run.json" \
         > "$OUT/serving-$run.log" 2>&1
       echo "serving rc $?"; grep -v -i warn "$OUT/serving-$run.log" | tail -12 ;;
     tests)
