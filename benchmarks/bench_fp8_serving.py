@@ -20,7 +20,10 @@ Timing: every variant of one case (tower, batch) is compiled and warmed, then ti
 interleaved rounds (the variant order rotates each round); a round is a block of CUDA-graph replays
 between two CUDA events, about ``--block-ms`` long. Each case reports the median of the rounds and their
 spread, and each FP8 variant's speedup over FP16 per round: a **win** when FP8 is faster in every round, a
-**loss** when slower in every round, else a **tie** (the difference is within the noise). ``--profile``
+**loss** when slower in every round, else a **tie** (the difference is within the noise). Where a case runs the
+board at its power limit (image batch 128 on a 700 W H100), FP8's clock dips after each switch from FP16 and
+recovers within a few hundred ms, so short rounds understate it: time such a case with ``--block-ms 300`` and
+``SMI_TRACE=1`` (``scripts/gpu_session.sh``; docs/benchmarks.md, "The final form"). ``--profile``
 adds the CUDA kernel time per call by category (GEMM, quantize, attention, norm, other) at batch 1 and 128,
 and each variant's ten costliest kernels. Numerics: each FP8 variant's minimum embedding cosine against
 the fake-quant model (the same scales, simulated in FP32) on calibration-like inputs.

@@ -13,7 +13,7 @@ quantized with the calibrated scale and multiplied by ``torch._scaled_mm``. Ever
 embedding, LayerNorms, attention's matmuls and softmax) runs in FP16: attention's FP8 quantizers are the
 ModelOpt checkpoint's, and are dropped here (SDPA has no FP8 form in PyTorch).
 
-Speed needs fusion: eagerly, the activation quantization (divide, clamp, cast) runs as separate
+Speed needs fusion: eagerly, the activation quantization (scale, clamp, cast) runs as separate
 memory-bound kernels around each GEMM and the FP8 model is about twice as slow as FP16. So on a GPU each
 encoder is compiled whole (``torch.compile``, ``mode="reduce-overhead"``: Inductor fuses the quantization
 into the LayerNorm/GELU/residual kernels before it, and each batch size is replayed from a CUDA graph).
