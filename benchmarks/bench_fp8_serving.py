@@ -45,7 +45,7 @@ import torch
 from bench_encoders import VIT_L_14, build_model  # this folder is on sys.path when the script runs
 
 from clip_fp8.encoders import ImageEncoder, TextEncoder
-from clip_fp8.fp8_runtime import FP8, FP8_MAX, FP8Linear, fuse_qkv, gemm_fits, swap_in_fp8_linears
+from clip_fp8.fp8_runtime import COMPILE_OPTIONS, FP8, FP8_MAX, FP8Linear, fuse_qkv, gemm_fits, swap_in_fp8_linears
 from clip_fp8.timing import compare, interleaved
 
 TOWERS = {"image": ImageEncoder, "text": TextEncoder}
@@ -62,8 +62,8 @@ def parse_variant(name: str) -> tuple[str, tuple[str, ...]]:
 
 
 def compile_options(levers) -> dict:
-    # reduce-overhead is {"triton.cudagraphs": True}; max-autotune adds max_autotune and coordinate-descent tuning.
-    return {"triton.cudagraphs": True, "max_autotune": "autotune" in levers,
+    # As the runtime compiles (CUDA graphs); max-autotune adds max_autotune and coordinate-descent tuning.
+    return {**COMPILE_OPTIONS, "max_autotune": "autotune" in levers,
             "coordinate_descent_tuning": "autotune" in levers or "cdt" in levers}
 
 

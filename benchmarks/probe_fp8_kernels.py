@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -132,8 +133,6 @@ GEMMS = {"image": (128 * 257, 1024, 4096), "text": (128 * 77, 768, 3072)}
 
 def probe_gemm_epilogue(out_dir: Path, rounds: int) -> dict:
     """fc1 + bias + GELU (+ fc2's input quantization), as served and with max-autotune, FP16 and FP8."""
-    import time
-
     from torch._inductor.utils import run_and_get_code
 
     results = {}
