@@ -246,6 +246,15 @@ class FP8CLIP:
         return sum(t.numel() * t.element_size() for tower, twin in self.twins.items() for part in TOWERS[tower]
                    for t in [*twin.get_submodule(part).parameters(), *twin.get_submodule(part).buffers()])
 
+    def linear(self, name: str) -> nn.Module:
+        """The module that runs the checkpoint's Linear ``name`` (the layout's names): itself, or for Q, K and V
+        of a fused attention, its one ``qkv`` GEMM."""
+        parent, _, child = name.rpartition(".")
+        attention = self.model.get_submodule(parent)
+        if child in ("q_proj", "k_proj", "v_proj") and isinstance(attention, FusedQKVAttention):
+            return attention.qkv
+        return self.model.get_submodule(name)
+
     def fp8_weights(self) -> int:
         """How many weight tensors are held in FP8 (what the GPU tests check is really in memory)."""
         return sum(1 for m in self.model.modules() if isinstance(m, FP8Linear) and m.weight.dtype == FP8)

@@ -253,6 +253,19 @@ MUTANTS = [
      "            buffer.copy_(torch.arange(buffer.shape[-1], device=buffer.device).expand_as(buffer))",
      "            buffer.fill_(0)",
      "tests/test_pipeline_e2e.py::test_torch_fp8_artifact_holds_fp8_weights_and_matches_fakequant"),
+    ("a fused attention keeps its unfused Q/K/V layers in memory too", "clip_fp8/fp8_runtime.py",
+     "        self.qkv, self.out_proj = qkv, attention.out_proj",
+     "        self.qkv, self.out_proj = qkv, attention.out_proj\n"
+     "        self.q_proj, self.k_proj, self.v_proj = attention.q_proj, attention.k_proj, attention.v_proj",
+     "tests/test_pipeline_e2e.py::test_torch_fp8_fuses_qkv_exactly_and_serves_each_size_by_the_form_its_table_names"),
+    ("linear() looks V up as a layer of its own in a fused attention", "clip_fp8/fp8_runtime.py",
+     '        if child in ("q_proj", "k_proj", "v_proj") and isinstance(attention, FusedQKVAttention):',
+     '        if child in ("q_proj", "k_proj") and isinstance(attention, FusedQKVAttention):',
+     "tests/test_pipeline_e2e.py::test_torch_fp8_fuses_qkv_exactly_and_serves_each_size_by_the_form_its_table_names"),
+    ("the fused Q/K/V weight upcast to FP16", "clip_fp8/fp8_runtime.py",
+     "        qkv.weight.data = torch.cat([p.weight.data for p in projections])",
+     "        qkv.weight.data = torch.cat([p.weight.data.to(dtype) for p in projections])",
+     "tests/test_pipeline_e2e.py::test_torch_fp8_fuses_qkv_exactly_and_serves_each_size_by_the_form_its_table_names"),
 ]
 
 

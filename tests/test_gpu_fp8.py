@@ -90,12 +90,8 @@ def test_torch_fp8_loads_runs_compiled_matches_fakequant_and_holds_fp8_weights(m
     layout = json.loads(artifact.file("layout").read_text())
     # Every FP8 Linear the layout names is in memory as one (Q, K and V as their attention's fused ``qkv``), and
     # no other: FP8 weights on the GPU, not upcast.
-    def held_as(name):
-        parent, _, child = name.rpartition(".")
-        return clip.model.get_submodule(parent).qkv if child in ("q_proj", "k_proj", "v_proj") else clip.model.get_submodule(name)
-    named = {id(held_as(name)): held_as(name) for name in layout["fp8_linears"]}
     fp8_layers = [m for m in clip.model.modules() if isinstance(m, FP8Linear)]
-    assert {id(m) for m in fp8_layers} == set(named) and fp8_layers
+    assert {id(m) for m in fp8_layers} == {id(clip.linear(name)) for name in layout["fp8_linears"]} and fp8_layers
     assert all(m.weight.dtype == FP8 and m.weight.is_cuda for m in fp8_layers)
     fp16_bytes = artifact.meta["fp16_weights_bytes"]
     assert clip.weights_bytes < 0.75 * fp16_bytes

@@ -460,7 +460,7 @@ def test_torch_fp8_fuses_qkv_exactly_and_serves_each_size_by_the_form_its_table_
 
     import torch
 
-    from clip_fp8.fp8_runtime import SERVING, FusedQKVAttention, load
+    from clip_fp8.fp8_runtime import FP8, LAYOUT, SERVING, FP8Linear, FusedQKVAttention, load
     from clip_fp8.tasks.checkpoints import EMBEDDED_MODELS, load_quantized
     from clip_fp8.tasks.surgery import check_inputs, torch_embeddings
 
@@ -472,6 +472,11 @@ def test_torch_fp8_fuses_qkv_exactly_and_serves_each_size_by_the_form_its_table_
     unfused = load(artifact, device="cpu", dtype=torch.float32, fuse=False)
     fused = load(artifact, device="cpu", dtype=torch.float32)
     assert sum(isinstance(m, FusedQKVAttention) for m in fused.model.modules()) == 4  # 2 layers per tower
+    # Every FP8 Linear of the layout is held once (Q, K and V as their attention's qkv), in FP8, and nothing else is.
+    layout = json.loads((artifact / LAYOUT).read_text())["fp8_linears"]
+    held = [m for m in fused.model.modules() if isinstance(m, FP8Linear)]
+    assert {id(m) for m in held} == {id(fused.linear(name)) for name in layout}
+    assert len(held) == len(layout) - 2 * 4 and all(m.weight.dtype == FP8 for m in held)
     cos = torch.nn.functional.cosine_similarity
     for encode in ("encode_image", "encode_text"):
         x = pixels if encode == "encode_image" else ids
